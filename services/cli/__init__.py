@@ -1,0 +1,1 @@
+"""The ``shardmesh`` command line: the composition root that wires router, worker and local meshes."""

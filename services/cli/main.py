@@ -1,0 +1,42 @@
+"""``shardmesh`` entry point: parse flags, then hand off to the subcommand's module.
+
+Subcommand modules are imported lazily so ``shardmesh --help`` stays fast and a worker never imports
+router code (and vice versa).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from services.cli.parser import build_parser
+from services.errors import ShardmeshError
+
+# command -> "module:function"; each function takes the parsed argparse.Namespace and returns an exit code.
+HANDLERS: dict[str, str] = {
+    "worker": "shard_worker.main:run",
+    "router": "router.main:run",
+    "up": "services.localmesh.up_cmd:run",
+    "infer": "services.cli.infer_cmd:run",
+    "demo": "services.cli.demo_cmd:run",
+    "bench": "services.bench.main:run",
+    "generate": "services.cli.generate_cmd:run",
+    "convert": "services.models.convert:run",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = HANDLERS[args.command].split(":")
+    handler = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(handler(args) or 0)
+    except ShardmeshError as exc:
+        print(f"shardmesh {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

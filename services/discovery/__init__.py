@@ -1,0 +1,1 @@
+"""Service discovery: which worker endpoints exist. Backends: ``static`` (addresses from config), ``consul``."""
