@@ -14,20 +14,22 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "text", "tokens", "tensor", "attention_mask", "mode")
+    __slots__ = ("request_id", "text", "tokens", "tensor", "attention_mask", "mode", "timeout_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     tokens: TokenIds
     tensor: _tensor_pb2.Tensor
     attention_mask: _tensor_pb2.Tensor
     mode: _tensor_pb2.Mode
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., mode: _Optional[_Union[_tensor_pb2.Mode, str]] = ...) -> None: ...
+    timeout_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., mode: _Optional[_Union[_tensor_pb2.Mode, str]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class InferResponse(_message.Message):
     __slots__ = ("request_id", "output", "route", "hops", "mode", "total_ms", "error", "attempts")

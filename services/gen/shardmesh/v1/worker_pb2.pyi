@@ -8,13 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("request_id", "input", "attention_mask", "layers", "model_checksum", "timeout_ms", "downstream", "mode", "source", "source_worker_id", "upstream_hops", "session_id", "position", "session_ttl_s", "return_logits_only_last")
+    __slots__ = ("request_id", "input", "attention_mask", "layers", "model_checksum", "timeout_ms", "cancel", "downstream", "mode", "source", "source_worker_id", "upstream_hops", "session_id", "position", "session_ttl_s", "return_logits_only_last")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     MODEL_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +31,7 @@ class ForwardRequest(_message.Message):
     layers: _tensor_pb2.LayerRange
     model_checksum: str
     timeout_ms: int
+    cancel: bool
     downstream: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.RouteHop]
     mode: _tensor_pb2.Mode
     source: _tensor_pb2.Source
@@ -39,7 +41,7 @@ class ForwardRequest(_message.Message):
     position: int
     session_ttl_s: int
     return_logits_only_last: bool
-    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., layers: _Optional[_Union[_tensor_pb2.LayerRange, _Mapping]] = ..., model_checksum: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., downstream: _Optional[_Iterable[_Union[_tensor_pb2.RouteHop, _Mapping]]] = ..., mode: _Optional[_Union[_tensor_pb2.Mode, str]] = ..., source: _Optional[_Union[_tensor_pb2.Source, str]] = ..., source_worker_id: _Optional[str] = ..., upstream_hops: _Optional[_Iterable[_Union[_tensor_pb2.HopRecord, _Mapping]]] = ..., session_id: _Optional[str] = ..., position: _Optional[int] = ..., session_ttl_s: _Optional[int] = ..., return_logits_only_last: _Optional[bool] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., layers: _Optional[_Union[_tensor_pb2.LayerRange, _Mapping]] = ..., model_checksum: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., cancel: _Optional[bool] = ..., downstream: _Optional[_Iterable[_Union[_tensor_pb2.RouteHop, _Mapping]]] = ..., mode: _Optional[_Union[_tensor_pb2.Mode, str]] = ..., source: _Optional[_Union[_tensor_pb2.Source, str]] = ..., source_worker_id: _Optional[str] = ..., upstream_hops: _Optional[_Iterable[_Union[_tensor_pb2.HopRecord, _Mapping]]] = ..., session_id: _Optional[str] = ..., position: _Optional[int] = ..., session_ttl_s: _Optional[int] = ..., return_logits_only_last: _Optional[bool] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("request_id", "output", "hops", "error")

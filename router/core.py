@@ -1,0 +1,107 @@
+"""What the router does with one request, independent of the gRPC transport."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from services.errors import FailedPrecondition, ResourceExhausted
+from services.gen.shardmesh.v1 import router_pb2, tensor_pb2
+from services.models.registry import load_tokenizer, resolve_model
+from services.telemetry import INFLIGHT
+from router.inputs import TokenizerCache, request_inputs
+from router.pipeline import DirectPipeline
+from router.topology import Topology
+
+MODE_NAMES = {"direct": tensor_pb2.MODE_DIRECT, "relay": tensor_pb2.MODE_RELAY}
+
+
+class RouterCore:
+    def __init__(
+        self,
+        topology: Topology,
+        direct: DirectPipeline,
+        *,
+        default_mode: str,
+        request_timeout_s: float,
+        max_inflight: int,
+        max_tensor_bytes: int,
+        tokenizer_model: str | None,
+    ) -> None:
+        self.topology = topology
+        self.direct = direct
+        self.default_mode = MODE_NAMES[default_mode]
+        self.request_timeout_s = request_timeout_s
+        self.max_inflight = max_inflight
+        self.max_tensor_bytes = max_tensor_bytes
+        self.inflight = 0
+        self._tokenizer_model = tokenizer_model
+        self._tokenizers = TokenizerCache(lambda model: load_tokenizer(resolve_model(model)))
+
+    def _tokenizer(self) -> Any:
+        model = self._tokenizer_model
+        if model is None:
+            workers = self.topology.workers
+            if not workers:
+                raise FailedPrecondition("no worker is known yet, so the model's tokenizer is unknown; retry shortly")
+            model = workers[0].model_id
+        return self._tokenizers.get(model)
+
+    async def infer(self, request: router_pb2.InferRequest, time_remaining: float | None) -> router_pb2.InferResponse:
+        if self.inflight >= self.max_inflight:
+            raise ResourceExhausted(
+                f"router has {self.inflight} requests in flight (limit --max-inflight {self.max_inflight}); retry later"
+            )
+        self.inflight += 1
+        INFLIGHT.labels(component="router").inc()
+        try:
+            return await self._infer(request, time_remaining)
+        finally:
+            self.inflight -= 1
+            INFLIGHT.labels(component="router").dec()
+
+    async def _infer(self, request: router_pb2.InferRequest, time_remaining: float | None) -> router_pb2.InferResponse:
+        started = time.monotonic()
+        deadline = started + (time_remaining if time_remaining is not None else self.request_timeout_s)
+        mode = request.mode or self.default_mode
+        if mode == tensor_pb2.MODE_RELAY:
+            raise FailedPrecondition("relay mode is not available in this version; use mode=direct")
+        ids, mask = request_inputs(request, self._tokenizer, self.max_tensor_bytes)
+        request_id = request.request_id or uuid.uuid4().hex
+        result = await self.direct.run(request_id, ids, mask, deadline)
+        response = router_pb2.InferResponse(
+            request_id=request_id,
+            output=result.output,
+            mode=mode,  # type: ignore[arg-type]
+            total_ms=1000 * (time.monotonic() - started),
+            attempts=result.attempts,
+        )
+        response.hops.extend(result.hops)
+        response.route.extend(h.worker_id for h in result.hops)
+        return response
+
+    def topology_view(self) -> router_pb2.TopologyResponse:
+        reply = router_pb2.TopologyResponse(discovery=self.topology.discovery.name)
+        now = time.monotonic()
+        for w in self.topology.workers:
+            reply.workers.add(
+                worker_id=w.worker_id,
+                address=w.address,
+                layers=tensor_pb2.LayerRange(start=w.span.start, end=w.span.end),
+                model_id=w.model_id,
+                weights_checksum=w.checksum,
+                healthy=not self.direct._outliers.is_ejected(w.worker_id, now),
+                outstanding=self.direct.stats[w.worker_id].outstanding if w.worker_id in self.direct.stats else 0,
+            )
+        try:
+            plan = self.topology.plan()
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            reply.complete = False
+            reply.problem = str(exc)
+            return reply
+        reply.complete = True
+        for stage in plan.stages:
+            for w in stage.replicas:
+                reply.route.add(worker_id=w.worker_id, address=w.address, layers=tensor_pb2.LayerRange(start=w.span.start, end=w.span.end))
+        return reply

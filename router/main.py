@@ -1,0 +1,103 @@
+"""``shardmesh router``: discover workers, plan routes, serve Infer; drain on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import time
+
+from services.config import RouterConfig
+from services.discovery.base import Discovery
+from services.discovery.url import build_discovery, parse_discovery
+from services.gen.shardmesh.v1 import router_pb2, router_pb2_grpc
+from services.lifecycle import ServerLifecycle
+from services.telemetry import setup_logging, start_metrics
+from router.core import RouterCore
+from router.peers import WorkerPool
+from router.pipeline import DirectPipeline, PipelineSettings
+from router.planning.outlier import OutlierConfig, OutlierDetector
+from router.planning.retry_budget import RetryBudget
+from router.servicer import RouterServicer
+from router.topology import Topology
+
+log = logging.getLogger("shardmesh.router")
+
+SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+PROBE_INTERVAL_S = 0.5
+PROBE_TIMEOUT_S = 0.5
+
+
+async def probe_ejected(outliers: OutlierDetector, topology: Topology, pool: WorkerPool) -> None:
+    """Actively probes ejected workers (grpc.health.v1) and re-admits those that answer SERVING."""
+    while True:
+        await asyncio.sleep(PROBE_INTERVAL_S)
+        by_id = {w.worker_id: w for w in topology.workers}
+        for worker_id in outliers.due_for_probe(time.monotonic()):
+            worker = by_id.get(worker_id)
+            if worker is None:
+                outliers.forget(worker_id)
+                continue
+            if await pool.is_serving(worker.address, PROBE_TIMEOUT_S):
+                log.info("worker %s answers SERVING again; re-admitted", worker_id)
+                outliers.readmit(worker_id, time.monotonic())
+            else:
+                outliers.record_probe_failure(worker_id, time.monotonic())
+
+
+async def serve(config: RouterConfig, discovery: Discovery | None = None) -> int:
+    lifecycle = ServerLifecycle("router", [SERVICE_NAME], config.tls)
+    lifecycle.install_signal_handlers()
+    pool = WorkerPool(config.tls if config.tls.enabled else None)
+    discovery = discovery or build_discovery(parse_discovery(config.discovery, config.env))
+
+    async def on_change(complete: bool) -> None:
+        await lifecycle.set_serving(complete)
+        if complete:
+            log.info("route complete: %s", topology.plan().describe())
+        else:
+            log.warning("no complete route: %s", topology.last_problem)
+
+    topology = Topology(discovery, pool, on_change)
+    outliers = OutlierDetector(OutlierConfig())
+    pipeline = DirectPipeline(
+        topology,
+        pool,
+        PipelineSettings(hop_timeout_s=config.hop_timeout_s, max_attempts=config.max_attempts),
+        outliers,
+        RetryBudget(ratio=config.retry_budget),
+    )
+    core = RouterCore(
+        topology,
+        pipeline,
+        default_mode=config.mode,
+        request_timeout_s=config.request_timeout_s,
+        max_inflight=config.max_inflight,
+        max_tensor_bytes=config.max_tensor_bytes,
+        tokenizer_model=config.model,
+    )
+    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core, config.max_inflight), lifecycle.server)
+    await lifecycle.start(config.listen)
+    start_metrics(config.metrics_listen)
+    await topology.start()
+    prober = asyncio.create_task(probe_ejected(outliers, topology, pool), name="prober")
+    log.info("router listening on %s, discovery %s, default mode %s", lifecycle.address, discovery.name, config.mode)
+    try:
+        await lifecycle.wait_for_stop()
+    finally:
+        log.info("router stopping: finishing %d in-flight requests", core.inflight)
+        await lifecycle.set_serving(False)
+        prober.cancel()
+        with contextlib.suppress(BaseException):
+            await prober
+        await lifecycle.stop(config.grace_s)
+        await topology.close()
+        await pool.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    config = RouterConfig.from_args(args)
+    setup_logging(config.log_level, "router")
+    return asyncio.run(serve(config))

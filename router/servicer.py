@@ -1,0 +1,48 @@
+"""Router gRPC servicer: translates InferRequest/InferResponse around :class:`RouterCore`."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.errors import grpc_errors, status_of
+from services.gen.shardmesh.v1 import router_pb2, router_pb2_grpc, tensor_pb2
+from services.transport.stream_server import StreamHandlers, serve_multiplexed
+from router.core import RouterCore
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, core: RouterCore, max_stream_pending: int) -> None:
+        self._core = core
+        self._max_stream_pending = max_stream_pending
+
+    @grpc_errors
+    async def Infer(self, request: router_pb2.InferRequest, context: grpc.aio.ServicerContext) -> router_pb2.InferResponse:
+        return await self._core.infer(request, context.time_remaining())
+
+    async def InferStream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
+        core = self._core
+
+        async def handle(request: router_pb2.InferRequest) -> router_pb2.InferResponse:
+            return await core.infer(request, request.timeout_ms / 1000.0 if request.timeout_ms else None)
+
+        def on_error(request: router_pb2.InferRequest, exc: BaseException) -> router_pb2.InferResponse:
+            code, message = status_of(exc)
+            return router_pb2.InferResponse(
+                request_id=request.request_id,
+                error=tensor_pb2.Error(
+                    code=code.value[0],
+                    message=message,
+                    failed_worker_id=getattr(exc, "failed_worker_id", ""),
+                    failed_address=getattr(exc, "failed_address", ""),
+                ),
+            )
+
+        await serve_multiplexed(context, StreamHandlers(handle, on_error), self._max_stream_pending)
+
+    @grpc_errors
+    async def Topology(self, request: router_pb2.TopologyRequest, context: grpc.aio.ServicerContext) -> router_pb2.TopologyResponse:
+        return self._core.topology_view()
+
+    async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):  # type: ignore[override]
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Generate is not implemented yet in this version of shardmesh")
+        yield router_pb2.GenerateEvent()  # pragma: no cover - makes this an async generator

@@ -1,0 +1,146 @@
+"""Python clients for the Router: :class:`AsyncRouterClient` and the blocking :class:`RouterClient`.
+
+Used by the CLI, the benchmarks and the tests. Results come back as :class:`InferResult` with the
+output as a torch tensor (a copy: safe to modify).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+
+from services.errors import from_rpc_error
+from services.gen.shardmesh.v1 import router_pb2, router_pb2_grpc, tensor_pb2
+from services.net import TlsFiles, open_channel
+from services.wire import codec
+
+MODE_BY_NAME = {None: tensor_pb2.MODE_UNSPECIFIED, "direct": tensor_pb2.MODE_DIRECT, "relay": tensor_pb2.MODE_RELAY}
+MODE_NAME = {tensor_pb2.MODE_DIRECT: "direct", tensor_pb2.MODE_RELAY: "relay", tensor_pb2.MODE_UNSPECIFIED: ""}
+
+
+@dataclass(frozen=True)
+class InferResult:
+    output: torch.Tensor
+    route: tuple[str, ...]
+    mode: str
+    hops_ms: tuple[float, ...]
+    hops: tuple[tensor_pb2.HopRecord, ...]
+    total_ms: float
+    attempts: int
+
+    @classmethod
+    def from_proto(cls, reply: router_pb2.InferResponse) -> InferResult:
+        return cls(
+            output=codec.decode(reply.output, field="output", max_bytes=1 << 40).clone(),
+            route=tuple(reply.route),
+            mode=MODE_NAME.get(reply.mode, ""),
+            hops_ms=tuple(h.hop_ms for h in reply.hops),
+            hops=tuple(reply.hops),
+            total_ms=reply.total_ms,
+            attempts=reply.attempts,
+        )
+
+    def to_json(self) -> dict[str, object]:
+        """The ``shardmesh infer --json`` object."""
+        out = self.output
+        if out.dim() > 1 and out.shape[0] == 1:
+            out = out[0]
+        return {
+            "output": out.flatten().tolist() if out.dim() <= 1 else out.tolist(),
+            "route": list(self.route),
+            "mode": self.mode,
+            "hops_ms": [round(h, 3) for h in self.hops_ms],
+        }
+
+
+def build_request(
+    *,
+    text: str | None = None,
+    tokens: Sequence[int] | None = None,
+    tensor: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    mode: str | None = None,
+    request_id: str | None = None,
+) -> router_pb2.InferRequest:
+    if sum(x is not None for x in (text, tokens, tensor)) != 1:
+        raise ValueError("give exactly one of text, tokens, tensor")
+    req = router_pb2.InferRequest(request_id=request_id or uuid.uuid4().hex, mode=MODE_BY_NAME[mode])  # type: ignore[arg-type]
+    if text is not None:
+        req.text = text
+    elif tokens is not None:
+        req.tokens.ids.extend(int(t) for t in tokens)
+    else:
+        codec.encode(tensor, req.tensor)  # type: ignore[arg-type]
+        if attention_mask is not None:
+            codec.encode(attention_mask, req.attention_mask)
+    return req
+
+
+class AsyncRouterClient:
+    """One channel to a router; use as ``async with AsyncRouterClient(addr) as c: await c.infer(text=...)``."""
+
+    def __init__(self, address: str, *, tls_ca: str | Path | None = None) -> None:
+        tls = TlsFiles(ca=Path(tls_ca)) if tls_ca else None
+        self.address = address
+        self._channel = open_channel(address, tls)
+        self._stub = router_pb2_grpc.RouterStub(self._channel)
+
+    async def __aenter__(self) -> AsyncRouterClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
+
+    async def infer(self, *, timeout_s: float = 60.0, **kwargs: object) -> InferResult:
+        """Raises a :class:`services.errors.ShardmeshError` subclass carrying the router's status."""
+        try:
+            reply = await self._stub.Infer(build_request(**kwargs), timeout=timeout_s)  # type: ignore[arg-type]
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, address=self.address) from None
+        return InferResult.from_proto(reply)
+
+    async def infer_raw(self, request: router_pb2.InferRequest, timeout_s: float = 60.0) -> router_pb2.InferResponse:
+        return await self._stub.Infer(request, timeout=timeout_s)
+
+    async def topology(self, timeout_s: float = 5.0) -> router_pb2.TopologyResponse:
+        return await self._stub.Topology(router_pb2.TopologyRequest(), timeout=timeout_s)
+
+
+class RouterClient:
+    """Blocking client for scripts: each call runs on a private event loop."""
+
+    def __init__(self, address: str, *, tls_ca: str | Path | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = self._loop.run_until_complete(self._make(address, tls_ca))
+
+    @staticmethod
+    async def _make(address: str, tls_ca: str | Path | None) -> AsyncRouterClient:
+        return AsyncRouterClient(address, tls_ca=tls_ca)
+
+    def infer(self, *, timeout_s: float = 60.0, **kwargs: object) -> InferResult:
+        return self._loop.run_until_complete(self._client.infer(timeout_s=timeout_s, **kwargs))
+
+    def topology(self, timeout_s: float = 5.0) -> router_pb2.TopologyResponse:
+        return self._loop.run_until_complete(self._client.topology(timeout_s))
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._client.close())
+        self._loop.close()
+
+    def __enter__(self) -> RouterClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,148 @@
+"""Typed, frozen configuration objects, built once in main() from flags and an injected environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from services.errors import ConfigError
+from services.layers import LayerSpan
+from services.net import TlsFiles, split_host_port
+
+MIB = 1024 * 1024
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class ConsulRegistration:
+    address: str  # host:port of the agent ("" = do not register)
+    service: str
+    check: str  # "grpc" | "ttl"
+    tags: tuple[str, ...]
+    token: str = ""
+    scheme: str = "http"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model: str
+    span: LayerSpan
+    listen: str
+    advertise: str | None
+    worker_id: str | None
+    max_inflight: int
+    max_tensor_bytes: int
+    grace_s: float
+    threads: int
+    wire_dtype: str
+    cache_budget_bytes: int
+    session_ttl_s: float
+    consul: ConsulRegistration | None
+    tls: TlsFiles
+    metrics_listen: str | None
+    log_level: str
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> WorkerConfig:
+        env = os.environ if env is None else env
+        split_host_port(args.listen, what="--listen")
+        if args.advertise:
+            split_host_port(args.advertise, what="--advertise")
+        for name in ("max_inflight", "max_tensor_mb", "grace_s", "cache_budget_mb", "session_ttl_s"):
+            _positive("--" + name.replace("_", "-"), getattr(args, name))
+        consul_addr = "" if args.no_consul_register else (args.consul or env.get("CONSUL_HTTP_ADDR", ""))
+        consul = None
+        if consul_addr:
+            scheme = "https" if env.get("CONSUL_HTTP_SSL", "").lower() in ("1", "true") else "http"
+            if "://" in consul_addr:
+                scheme, consul_addr = consul_addr.split("://", 1)
+            split_host_port(consul_addr, what="--consul")
+            consul = ConsulRegistration(
+                address=consul_addr,
+                service=args.consul_service,
+                check=args.consul_check,
+                tags=tuple(args.consul_tag),
+                token=env.get("CONSUL_HTTP_TOKEN", ""),
+                scheme=scheme,
+            )
+        return cls(
+            model=args.model,
+            span=LayerSpan.parse(args.layers),
+            listen=args.listen,
+            advertise=args.advertise,
+            worker_id=args.worker_id,
+            max_inflight=args.max_inflight,
+            max_tensor_bytes=args.max_tensor_mb * MIB,
+            grace_s=args.grace_s,
+            threads=args.threads,
+            wire_dtype=args.wire_dtype,
+            cache_budget_bytes=args.cache_budget_mb * MIB,
+            session_ttl_s=args.session_ttl_s,
+            consul=consul,
+            tls=TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca),
+            metrics_listen=args.metrics_listen,
+            log_level=args.log_level,
+        )
+
+    def resolved_worker_id(self, bound_address: str) -> str:
+        """A stable, readable id: host-port-layers unless --worker-id is given."""
+        if self.worker_id:
+            return self.worker_id
+        host, port = split_host_port(bound_address)
+        name = socket.gethostname() if host in ("127.0.0.1", "localhost", "::1") else host
+        return f"{name}-{port}-L{self.span.start}-{self.span.end}"
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    listen: str
+    discovery: str  # "static://a,b" or "consul://..."
+    mode: str  # "direct" | "relay"
+    model: str | None
+    request_timeout_s: float
+    hop_timeout_s: float
+    max_attempts: int
+    retry_budget: float
+    hedge_after_s: float
+    max_inflight: int
+    max_tensor_bytes: int
+    wire_dtype: str
+    grace_s: float
+    tls: TlsFiles
+    metrics_listen: str | None
+    log_level: str
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> RouterConfig:
+        env = dict(os.environ if env is None else env)
+        split_host_port(args.listen, what="--listen")
+        for name in ("request_timeout_s", "hop_timeout_ms", "max_attempts", "max_inflight", "max_tensor_mb", "grace_s"):
+            _positive("--" + name.replace("_", "-"), getattr(args, name))
+        discovery = args.discovery or f"static://{args.workers}"
+        return cls(
+            listen=args.listen,
+            discovery=discovery,
+            mode=args.mode,
+            model=args.model,
+            request_timeout_s=args.request_timeout_s,
+            hop_timeout_s=args.hop_timeout_ms / 1000.0,
+            max_attempts=args.max_attempts,
+            retry_budget=args.retry_budget,
+            hedge_after_s=args.hedge_after_ms / 1000.0,
+            max_inflight=args.max_inflight,
+            max_tensor_bytes=args.max_tensor_mb * MIB,
+            wire_dtype=args.wire_dtype,
+            grace_s=args.grace_s,
+            tls=TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca),
+            metrics_listen=args.metrics_listen,
+            log_level=args.log_level,
+            env=env,
+        )

@@ -1,0 +1,82 @@
+"""One server lifecycle shared by router and worker.
+
+build -> bind (port 0 picks a free port) -> start (health NOT_SERVING) -> load -> SERVING -> ...
+SIGTERM/SIGINT -> NOT_SERVING -> (deregister, drain: the caller's job) -> stop. The bound address is
+printed as one ``LISTENING_PREFIX`` line on stdout so a parent process (``shardmesh up``) can read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.errors import ConfigError
+from services.net import SERVER_OPTIONS, TlsFiles, join_host_port, split_host_port
+
+log = logging.getLogger(__name__)
+
+LISTENING_PREFIX = "shardmesh-listening"
+
+
+class ServerLifecycle:
+    """A grpc.aio server plus the standard health and reflection services."""
+
+    def __init__(self, component: str, service_names: Iterable[str], tls: TlsFiles | None = None) -> None:
+        self.component = component
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.health = health.aio.HealthServicer()
+        self._service_names = tuple(service_names)
+        self._tls = tls
+        self._stop_requested = asyncio.Event()
+        self.address = ""
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+
+    async def start(self, listen: str, advertise: str | None = None) -> str:
+        """Binds and starts serving health (NOT_SERVING) and reflection; returns the address to advertise."""
+        host, port = split_host_port(listen, what="--listen")
+        creds = self._tls.server_credentials() if self._tls else None
+        bind = join_host_port(host, port)
+        try:
+            bound = (
+                self.server.add_secure_port(bind, creds) if creds else self.server.add_insecure_port(bind)
+            )
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {bind}: the port is busy or the address is not local ({exc})") from None
+        if bound == 0:
+            raise ConfigError(f"cannot listen on {bind}: the port is busy or the address is not local")
+        await self.set_serving(False)
+        await self.server.start()
+        self.address = advertise or join_host_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, bound)
+        print(f"{LISTENING_PREFIX} component={self.component} address={self.address}", flush=True)
+        sys.stdout.flush()
+        return self.address
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self._service_names):
+            await self.health.set(name, status)
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def wait_for_stop(self) -> None:
+        await self._stop_requested.wait()
+
+    async def stop(self, grace_s: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)

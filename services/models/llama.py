@@ -1,0 +1,136 @@
+"""Llama stage: transformers' own Llama modules over a layer range; the last stage returns logits.
+
+Bit-identical to ``LlamaForCausalLM.from_pretrained(dir)(input_ids, attention_mask).logits`` because the
+stage runs the same modules (``LlamaDecoderLayer``, ``LlamaRotaryEmbedding``, ``LlamaRMSNorm``), builds the
+mask with ``create_causal_mask`` the way ``LlamaModel.forward`` does, and uses the ``sdpa`` attention that
+``from_pretrained`` selects by default. Rotary embeddings and the mask are computed inside every stage
+from explicit position ids, so nothing but hidden states travels between stages.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlamaConfig
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from services.layers import LayerSpan
+from services.models.base import ModelSource
+from services.models.inputs import check_stage_input
+from services.models.weights import WeightReader, assert_materialised, count_parameters, load_module
+
+# What transformers' from_pretrained picks for LlamaForCausalLM when nothing is asked for.
+ATTN_IMPLEMENTATION = "sdpa"
+_PREFIX = "model."
+
+
+def load_llama_config(model_dir: str) -> LlamaConfig:
+    config = LlamaConfig.from_pretrained(model_dir, local_files_only=True)
+    config._attn_implementation = ATTN_IMPLEMENTATION
+    return config
+
+
+class LlamaStage:
+    """Layers ``span`` of a Llama decoder; stage 0 embeds tokens, the last stage applies norm + lm_head.
+
+    Decoder layers are numbered locally (0..len(span)-1) so a per-stage KV cache holds exactly this
+    stage's layers; :meth:`run` is the entry point for cached, offset decoding.
+    """
+
+    def __init__(self, source: ModelSource, span: LayerSpan, dtype: torch.dtype = torch.float32) -> None:
+        self.source = source
+        self.span = span
+        self.dtype = dtype
+        self.config = load_llama_config(str(source.model_dir))
+        config = self.config
+        reader = WeightReader(source.model_dir)
+        with torch.device("meta"):
+            self.embed_tokens = (
+                nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id) if self.is_first else None
+            )
+            self.layers = nn.ModuleList(LlamaDecoderLayer(config, layer_idx=local) for local in range(len(span)))
+            self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if self.is_last else None
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if self.is_last else None
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)  # buffers only: built for real, on the CPU
+        if self.embed_tokens is not None:
+            load_module(self.embed_tokens, reader, f"{_PREFIX}embed_tokens.", dtype)
+        for local, layer in enumerate(self.layers):
+            load_module(layer, reader, f"{_PREFIX}layers.{span.start + local}.", dtype)
+        if self.norm is not None and self.lm_head is not None:
+            load_module(self.norm, reader, f"{_PREFIX}norm.", dtype)
+            self._load_lm_head(self.lm_head, reader)
+        for module in self._modules():
+            module.eval()
+            assert_materialised(module, f"Llama stage {span}")
+
+    def _load_lm_head(self, lm_head: nn.Linear, reader: WeightReader) -> None:
+        if not self.config.tie_word_embeddings:
+            load_module(lm_head, reader, "lm_head.", self.dtype)
+        elif self.embed_tokens is not None:  # one stage holds both ends: share the one tensor, as HF ties it
+            lm_head.weight = self.embed_tokens.weight
+        else:  # tied, but the embeddings live on stage 0: read the same tensor for the head
+            load_module(lm_head, reader, f"{_PREFIX}embed_tokens.", self.dtype)
+
+    @property
+    def is_first(self) -> bool:
+        return self.span.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.span.end == self.source.total_layers
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        check_stage_input(
+            x,
+            attention_mask,
+            is_first=self.is_first,
+            hidden_size=self.config.hidden_size,
+            vocab_size=self.config.vocab_size,
+            dtype=self.dtype,
+        )
+        position_ids = torch.arange(x.shape[1]).unsqueeze(0)
+        return self.run(x, attention_mask, position_ids=position_ids)
+
+    def run(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *,
+        position_ids: torch.Tensor,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """Runs the stage at explicit positions, optionally appending to ``cache``.
+
+        ``position_ids``: ``[1 or batch, seq]`` absolute positions of ``x``'s tokens (``offset + arange``).
+        ``cache``: this stage's KV cache (local layer indices); ``attention_mask`` then covers past + new tokens.
+        """
+        with torch.inference_mode():
+            hidden = self.embed_tokens(x) if self.embed_tokens is not None else x
+            mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                position_ids=position_ids,
+            )
+            position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+            for layer in self.layers:
+                hidden = layer(
+                    hidden,
+                    attention_mask=mask,
+                    position_embeddings=position_embeddings,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=cache is not None,
+                )
+            if self.norm is None or self.lm_head is None:
+                return hidden
+            return self.lm_head(self.norm(hidden))
+
+    def parameter_count(self) -> int:
+        return count_parameters(self._modules())
+
+    def _modules(self) -> list[nn.Module]:
+        return [m for m in (self.embed_tokens, self.layers, self.norm, self.lm_head) if m is not None]

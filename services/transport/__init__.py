@@ -1,0 +1,1 @@
+"""Client side of worker-to-worker and router-to-worker calls: persistent channels and multiplexed streams."""

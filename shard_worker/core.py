@@ -1,0 +1,104 @@
+"""What a worker does with one ForwardRequest: check it, run the stage, attribute the hop.
+
+Transport-free apart from the protobuf types: the servicer (unary and stream) and, later, the relay
+path call :meth:`WorkerCore.forward`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from services.errors import DeadlineExceeded
+from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
+from services.models.base import ModelSource, StageModel
+from services.wire import codec
+from shard_worker.engine import StageEngine
+from shard_worker.inputs import InputLimits, check_plan, decode_input
+
+VERSION = "0.1.0"
+
+
+class WorkerCore:
+    def __init__(
+        self,
+        stage: StageModel,
+        engine: StageEngine,
+        limits: InputLimits,
+        address: str,
+        wire_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.stage = stage
+        self.engine = engine
+        self.limits = limits
+        self.address = address
+        self.wire_dtype = wire_dtype
+
+    @property
+    def worker_id(self) -> str:
+        return self.engine.worker_id
+
+    @property
+    def source(self) -> ModelSource:
+        return self.stage.source
+
+    def deadline_for(self, request: worker_pb2.ForwardRequest, rpc_time_remaining: float | None) -> float | None:
+        """The earliest of the RPC deadline and the request's own ``timeout_ms`` (streams), as monotonic time."""
+        now = time.monotonic()
+        candidates = []
+        if rpc_time_remaining is not None:
+            candidates.append(now + rpc_time_remaining)
+        if request.timeout_ms:
+            candidates.append(now + request.timeout_ms / 1000.0)
+        return min(candidates) if candidates else None
+
+    async def forward(self, request: worker_pb2.ForwardRequest, deadline: float | None) -> worker_pb2.ForwardResponse:
+        span = self.stage.span
+        check_plan(request, span, self.source.checksum, self.worker_id)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded(f"deadline exceeded before hop {self.worker_id} started", failed_worker_id=self.worker_id)
+        inputs = decode_input(request, self.stage, self.limits)
+        stage, wire_dtype = self.stage, self.wire_dtype
+
+        def job() -> tensor_pb2.Tensor:
+            out = stage.forward(inputs.x, inputs.attention_mask)
+            if not stage.is_last and out.dtype != wire_dtype:
+                out = out.to(wire_dtype)
+            # Serialising in the compute thread keeps large copies off the event loop.
+            return codec.encode(out)
+
+        result = await self.engine.run(job, deadline)
+        record = tensor_pb2.HopRecord(
+            worker_id=self.worker_id,
+            layers=tensor_pb2.LayerRange(start=span.start, end=span.end),
+            source=request.source or tensor_pb2.SOURCE_ROUTER,
+            source_worker_id=request.source_worker_id,
+            compute_ms=result.compute_ms,
+            queue_ms=result.queue_ms,
+        )
+        response = worker_pb2.ForwardResponse(request_id=request.request_id, output=result.value)  # type: ignore[arg-type]
+        response.hops.extend(request.upstream_hops)
+        response.hops.append(record)
+        return response
+
+    def describe(self) -> worker_pb2.DescribeResponse:
+        span, src = self.stage.span, self.source
+        return worker_pb2.DescribeResponse(
+            worker_id=self.worker_id,
+            model_id=src.model_id,
+            architecture=src.architecture,
+            layers=tensor_pb2.LayerRange(start=span.start, end=span.end),
+            total_layers=src.total_layers,
+            dtype=codec.dtype_name(self.stage.dtype),
+            weights_checksum=src.checksum,
+            version=VERSION,
+            capacity=worker_pb2.Capacity(
+                max_inflight=self.engine.max_inflight,
+                inflight=self.engine.inflight,
+                max_tensor_bytes=self.limits.max_tensor_bytes,
+            ),
+            state="draining" if self.engine.draining else "serving",
+            address=self.address,
+            hidden_size=src.hidden_size,
+        )

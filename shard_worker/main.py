@@ -1,0 +1,86 @@
+"""``shardmesh worker``: build the server, load this shard's weights, serve, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+
+import torch
+
+from services.config import WorkerConfig
+from services.gen.shardmesh.v1 import worker_pb2, worker_pb2_grpc
+from services.lifecycle import ServerLifecycle
+from services.models.registry import load_stage, resolve_model
+from services.telemetry import setup_logging, start_metrics
+from services.wire import codec
+from shard_worker.core import WorkerCore
+from shard_worker.engine import StageEngine
+from shard_worker.inputs import InputLimits
+from shard_worker.servicer import ShardWorkerServicer
+
+log = logging.getLogger("shardmesh.worker")
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["ShardWorker"].full_name
+
+
+def _max_positions(model_dir: object, default: int) -> int:
+    config = json.loads((model_dir / "config.json").read_text())  # type: ignore[operator]
+    return int(config.get("max_position_embeddings", default))
+
+
+async def serve(config: WorkerConfig) -> int:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    # Resolve first: an unknown model or a bad range fails before the port is taken.
+    source = await asyncio.to_thread(resolve_model, config.model)
+    config.span.check_within(source.total_layers, source.model_id)
+
+    lifecycle = ServerLifecycle("worker", [SERVICE_NAME], config.tls)
+    servicer = ShardWorkerServicer(config.max_inflight)
+    worker_pb2_grpc.add_ShardWorkerServicer_to_server(servicer, lifecycle.server)
+    lifecycle.install_signal_handlers()
+    address = await lifecycle.start(config.listen, config.advertise)
+    worker_id = config.resolved_worker_id(address)
+    log.info("worker %s listening on %s; loading %s layers %s", worker_id, address, source.model_id, config.span)
+
+    load = asyncio.create_task(asyncio.to_thread(load_stage, source, config.span))
+    stop = asyncio.create_task(lifecycle.wait_for_stop())
+    await asyncio.wait({load, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.done():
+        load.cancel()
+        await lifecycle.stop(0)
+        return 0
+    stage = load.result()
+    log.info("loaded %d parameters for layers %s", stage.parameter_count(), config.span)
+
+    engine = StageEngine(stage, worker_id, config.max_inflight)
+    limits = InputLimits(
+        max_tensor_bytes=config.max_tensor_bytes,
+        max_positions=_max_positions(source.model_dir, 1 << 20),
+        vocab_size=source.vocab_size,
+        hidden_size=source.hidden_size,
+    )
+    core = WorkerCore(stage, engine, limits, address, codec.dtype_from_name(config.wire_dtype))
+    servicer.attach(core)
+    await lifecycle.set_serving(True)
+    start_metrics(config.metrics_listen)
+    log.info("worker %s SERVING layers %s of %s (checksum %s)", worker_id, config.span, source.model_id, source.checksum[:12])
+
+    await stop
+    log.info("worker %s draining: NOT_SERVING, finishing %d in-flight requests", worker_id, engine.inflight)
+    await lifecycle.set_serving(False)
+    drained = await engine.drain(config.grace_s)
+    if not drained:
+        log.warning("grace period of %.1fs ended with %d requests in flight", config.grace_s, engine.inflight)
+    await lifecycle.stop(0.5)
+    engine.close()
+    log.info("worker %s stopped", worker_id)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    config = WorkerConfig.from_args(args)
+    setup_logging(config.log_level, "worker")
+    return asyncio.run(serve(config))
