@@ -84,17 +84,25 @@ class DirectPipeline:
         failed: set[str] = set()  # workers that failed this request: not tried again for it
         while layer < total:
             attempt = 0
+            last_error: tuple[ShardmeshError, WorkerInfo] | None = None
             while True:
                 now = time.monotonic()
                 if now >= deadline:
                     raise DeadlineExceeded(f"request {request_id} ran out of time before layer {layer}")
                 excluded = frozenset(failed) | self._outliers.ejected(now)
-                stage = self._topology.plan(excluded=excluded, start_layer=layer, checksum=checksum).stages[0]
+                try:
+                    stage = self._topology.plan(excluded=excluded, start_layer=layer, checksum=checksum).stages[0]
+                except Unavailable as no_route:
+                    if last_error is None:
+                        raise
+                    # Report the hop that failed first; the planner's view explains why nothing else could serve.
+                    raise _name_hop(last_error[0], last_error[1], also=str(no_route)) from None
                 worker = choose_replica(stage.replicas, self.stats, self._rng)
                 try:
                     response, hop_ms = await self._call(worker, request_id, attempt, stage_input, mask, checksum, deadline)
                 except _RETRYABLE as exc:
                     attempt += 1
+                    last_error = (exc, worker)
                     failed.add(worker.worker_id)
                     if not isinstance(exc, ResourceExhausted):
                         self._outliers.record_failure(worker.worker_id, time.monotonic(), stage.replica_ids)
@@ -149,9 +157,13 @@ class DirectPipeline:
         return response, elapsed * 1000
 
 
-def _name_hop(exc: ShardmeshError, worker: WorkerInfo) -> ShardmeshError:
-    """Makes sure the error a caller sees names the hop that failed."""
-    if worker.worker_id in exc.message or worker.address in exc.message:
-        return exc
-    exc.message = f"hop {worker.worker_id} ({worker.address}, layers {worker.span}) failed: {exc.message}"
+def _name_hop(exc: ShardmeshError, worker: WorkerInfo, also: str = "") -> ShardmeshError:
+    """Makes sure the error a caller sees names the hop that failed (id, address and layers)."""
+    named = all(part in exc.message for part in (worker.worker_id, worker.address, str(worker.span)))
+    if not named:
+        exc.message = f"hop {worker.worker_id} ({worker.address}, layers {worker.span}) failed: {exc.message}"
+    if also:
+        exc.message = f"{exc.message}; {also}"
+    exc.failed_worker_id = exc.failed_worker_id or worker.worker_id
+    exc.failed_address = exc.failed_address or worker.address
     return exc

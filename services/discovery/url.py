@@ -50,7 +50,8 @@ def validate_service_name(name: str) -> str:
     """Consul accepts more, but anything else breaks DNS look-ups or the URL path of the health API."""
     if not _SERVICE_NAME_RE.match(name):
         raise ConfigError(
-            f"invalid Consul service name {name!r}: use letters, digits, '-', '_' or '.', e.g. {DEFAULT_SERVICE_NAME}"
+            f"invalid Consul service name {name!r}: expected letters, digits, '-', '_' or '.', "
+            f"e.g. {DEFAULT_SERVICE_NAME}"
         )
     return name
 
@@ -66,7 +67,7 @@ def parse_discovery(url: str, env: Mapping[str, str]) -> DiscoverySpec:
         try:
             return DiscoverySpec(kind="static", addresses=parse_addresses(rest))
         except ConfigError as exc:
-            raise ConfigError(f"invalid discovery URL {url!r}: {exc}; expected {_EXAMPLES}") from None
+            raise ConfigError(f"invalid discovery URL {url!r}: {exc}, e.g. static://10.0.0.1:50051,10.0.0.2:50051") from None
     if scheme != "consul":
         raise ConfigError(f"invalid discovery URL {url!r}: unknown scheme {scheme!r}; expected {_EXAMPLES}")
 
@@ -74,7 +75,9 @@ def parse_discovery(url: str, env: Mapping[str, str]) -> DiscoverySpec:
     if parts.path not in ("", "/") or parts.fragment:
         raise ConfigError(f"invalid discovery URL {url!r}: unexpected path; expected {_CONSUL_EXAMPLE}")
     if "@" in parts.netloc:
-        raise ConfigError(f"invalid discovery URL {url!r}: put the ACL token in $CONSUL_HTTP_TOKEN, not the URL")
+        # The URL is not echoed: it would print the credentials.
+        raise ConfigError(f"invalid discovery URL: no credentials in it, put the ACL token in $CONSUL_HTTP_TOKEN; "
+                          f"expected {_CONSUL_EXAMPLE}")
     try:
         query = urllib.parse.parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError:
@@ -88,7 +91,8 @@ def parse_discovery(url: str, env: Mapping[str, str]) -> DiscoverySpec:
     service = validate_service_name(services[0])
 
     if parts.netloc:
-        host, port = split_hostport(parts.netloc, what=f"discovery URL {url!r}", example=_CONSUL_EXAMPLE, default_port=8500)
+        host, port = split_hostport(parts.netloc, what="address in discovery URL", example=_CONSUL_EXAMPLE,
+                                    default_port=8500)
         address = parse_consul_address(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", env)
     else:
         address = parse_consul_address(None, env)

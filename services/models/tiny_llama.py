@@ -16,6 +16,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ class TinyLlamaSpec:
     seed: int = 20240501
     init_std: float = 0.02
 
-    def config_dict(self) -> dict[str, object]:
+    def config_dict(self) -> dict[str, Any]:
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",

@@ -62,7 +62,7 @@ def _sentence_transformers_tokenizer(model_dir: Path, max_position_embeddings: i
         if not _has_lowercase(normalizer):
             normalizers = [Lowercase()]
             if isinstance(normalizer, NormalizerSequence):
-                normalizers += list(normalizer)
+                normalizers += list(normalizer)  # type: ignore[call-overload]
             elif normalizer is not None:
                 normalizers.append(normalizer)
             tokenizer.backend_tokenizer.normalizer = NormalizerSequence(normalizers)
@@ -73,4 +73,7 @@ def _has_lowercase(normalizer: object) -> bool:
     """sentence-transformers' own test (a BertNormalizer with lowercase=True does not count)."""
     if isinstance(normalizer, Lowercase):
         return True
-    return isinstance(normalizer, NormalizerSequence) and any(isinstance(n, Lowercase) for n in normalizer)
+    return isinstance(normalizer, NormalizerSequence) and any(
+        isinstance(n, Lowercase)
+        for n in normalizer  # type: ignore[attr-defined]
+    )

@@ -68,6 +68,7 @@ CASES: dict[str, dict[str, Any]] = {
         "networkPolicy": {"enabled": True, "clients": [{"namespaceSelector": {"matchLabels": {"team": "search"}}}]},
     },
     "network-policy-consul-agent": {"networkPolicy": {"enabled": True}, "consul": {"address": "$(HOST_IP):8500"}},
+    "existing-service-accounts": {"serviceAccount": {"create": False, "routerName": "ops-router", "workerName": "ops-worker"}},
     "everything": {
         "shards": FOUR_GROUPS,
         "model": SMOLLM2_DIR,

@@ -150,6 +150,29 @@ def test_untied_llama_last_stage_uses_its_own_head(tmp_path: Path) -> None:
     assert load_stage(source, LayerSpan(2, 3)).parameter_count() == _expected_llama_params(source, LayerSpan(2, 3))
 
 
+def test_llama_run_with_cache_continues_the_sequence(tiny_llama: ModelSource) -> None:
+    """The hook for per-session KV caches: local layer indices, explicit positions, mask over past + new.
+
+    Close rather than bit-equal: with a cache the mask is materialised and the last step is a one-token
+    query, so sdpa picks a different kernel (different summation order) than the single full pass.
+    """
+    from transformers import DynamicCache
+
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    stages: list[Any] = [load_stage(tiny_llama, LayerSpan(0, 2)), load_stage(tiny_llama, LayerSpan(2, 6))]
+    full = run_chain(tiny_llama, ["0:2", "2:6"], ids, None)
+    caches = [DynamicCache(), DynamicCache()]
+    x = ids[:, :5]
+    for stage, cache in zip(stages, caches, strict=True):
+        x = stage.run(x, torch.ones(1, 5, dtype=torch.int64), position_ids=torch.arange(5).unsqueeze(0), cache=cache)
+    step = ids[:, 5:]
+    for stage, cache in zip(stages, caches, strict=True):
+        step = stage.run(step, torch.ones(1, 6, dtype=torch.int64), position_ids=torch.tensor([[5]]), cache=cache)
+    torch.testing.assert_close(x, full[:, :5], rtol=0, atol=1e-5)
+    torch.testing.assert_close(step[:, -1], full[:, -1], rtol=0, atol=1e-5)
+    assert [len(cache.layers) for cache in caches] == [2, 4]  # each stage caches only its own layers
+
+
 # --- only own weights -------------------------------------------------------------------------------
 
 

@@ -68,3 +68,21 @@ def test_tiny_llama_follows_its_tokenizer_json(cache_dir: Path) -> None:
         assert max(ids) < source.vocab_size
         assert tokenizer.decode(ids) == text  # byte-level: lossless
     assert tokenizer.eos_token_id == 2
+
+
+def test_do_lower_case_and_max_seq_length_follow_sentence_bert_config(minilm: ModelSource, tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    for item in minilm.model_dir.iterdir():  # the same model, with its own sentence_bert_config.json
+        if item.name != "sentence_bert_config.json":
+            (tmp_path / item.name).symlink_to(item)
+    (tmp_path / "sentence_bert_config.json").write_text('{"max_seq_length": 16, "do_lower_case": true}')
+    reference = SentenceTransformer(str(tmp_path), device="cpu")
+    source = resolve_model(str(tmp_path), cache_dir=tmp_path / "cache")
+    tokenizer = load_tokenizer(source)
+    for text in TEXTS:
+        ids, mask = tokenizer.encode(text)
+        features = reference.preprocess([text])
+        assert ids == features["input_ids"][0].tolist()
+        assert mask == features["attention_mask"][0].tolist()
+    assert len(tokenizer.encode(TEXTS[-1])[0]) == 16

@@ -135,6 +135,12 @@ helm.sh/chart: {{ include "shardmesh.chart" .ctx }}
 {{- if and (eq .Values.weights.source "init") (not .Values.weights.init.convert) (not .Values.weights.init.copyFrom) -}}
 {{- fail "weights.source is init: set weights.init.convert (a built-in model to convert) or weights.init.copyFrom (a directory to copy)" -}}
 {{- end -}}
+{{- range $component := list "router" "worker" -}}
+{{- $cfg := index $.Values $component -}}
+{{- if and (not (kindIs "invalid" $cfg.graceS)) (ge (float64 $cfg.graceS) (float64 $cfg.terminationGracePeriodSeconds)) -}}
+{{- fail (printf "%s.graceS (%v s) must be shorter than %s.terminationGracePeriodSeconds (%v s), or the kubelet kills the pod before in-flight requests finish" $component $cfg.graceS $component $cfg.terminationGracePeriodSeconds) -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.tls.enabled (not .Values.tls.secretName) -}}
 {{- fail "tls.enabled: set tls.secretName to a Secret with tls.crt, tls.key and ca.crt" -}}
 {{- end -}}

@@ -1,0 +1,249 @@
+"""One test per chart feature: Consul registration styles, weights sources, TLS, NetworkPolicy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.helm.rendering import NAMESPACE, RELEASE, Release, parse_cli, pod_templates, render
+
+pytestmark = pytest.mark.helm
+
+EXISTING_CONSUL = "consul-server.consul.svc:8500"
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _worker_pods(release: Release) -> list[dict[str, Any]]:
+    return [sts["spec"]["template"] for sts in release.statefulsets]
+
+
+def _router_pod(release: Release) -> dict[str, Any]:
+    return release.router["spec"]["template"]
+
+
+def _main_pods(release: Release) -> list[dict[str, Any]]:
+    return [_router_pod(release), *_worker_pods(release)]
+
+
+# ---------- Consul ----------
+
+
+def test_without_consul_workers_do_not_register_and_router_gets_static_list(chart: Any) -> None:
+    release = render(chart)
+    for pod in _worker_pods(release):
+        assert "--no-consul-register" in pod["spec"]["containers"][0]["args"]
+    assert "--workers" in _router_pod(release)["spec"]["containers"][0]["args"]
+    for pod in _main_pods(release):
+        assert "CONSUL_HTTP_TOKEN" not in _env(pod["spec"]["containers"][0])
+
+
+def test_agent_registration_uses_the_node_agent_through_the_downward_api(chart: Any) -> None:
+    release = render(chart, {"consul": {"address": EXISTING_CONSUL}})
+    for pod in _worker_pods(release):
+        worker = pod["spec"]["containers"][0]
+        assert _env(worker)["HOST_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
+        args = worker["args"]
+        assert args[args.index("--consul") + 1] == "$(HOST_IP):8500"
+        assert "--no-consul-register" not in args
+        assert not any(k.startswith("consul.hashicorp.com/") for k in pod["metadata"]["annotations"])
+    router_args = _router_pod(release)["spec"]["containers"][0]["args"]
+    assert router_args[router_args.index("--discovery") + 1] == f"consul://{EXISTING_CONSUL}?service=shardmesh-worker"
+
+
+def test_router_can_use_the_agent_on_its_node(chart: Any) -> None:
+    release = render(chart, {"consul": {"address": "$(HOST_IP):8500"}})
+    router = _router_pod(release)["spec"]["containers"][0]
+    assert router["args"][router["args"].index("--discovery") + 1] == "consul://$(HOST_IP):8500?service=shardmesh-worker"
+    assert parse_cli(router).discovery == "consul://192.168.0.7:8500?service=shardmesh-worker"
+
+
+def test_acl_token_comes_from_a_secret(chart: Any) -> None:
+    release = render(chart, {"consul": {"address": EXISTING_CONSUL, "aclToken": {"secretName": "consul-acl", "secretKey": "tok"}}})
+    for pod in _main_pods(release):
+        token = _env(pod["spec"]["containers"][0])["CONSUL_HTTP_TOKEN"]
+        assert token == {"name": "CONSUL_HTTP_TOKEN", "valueFrom": {"secretKeyRef": {"name": "consul-acl", "key": "tok"}}}
+
+
+def test_consul_dependency_points_the_router_at_its_server_service(chart: Any) -> None:
+    release = render(chart, {"consul": {"enabled": True, "client": {"enabled": True}}})
+    args = _router_pod(release)["spec"]["containers"][0]["args"]
+    assert args[args.index("--discovery") + 1] == f"consul://{RELEASE}-consul-server.{NAMESPACE}.svc:8500?service=shardmesh-worker"
+    named = render(chart, {"consul": {"enabled": True, "client": {"enabled": True}, "global": {"name": "consul"}}})
+    args = _router_pod(named)["spec"]["containers"][0]["args"]
+    assert args[args.index("--discovery") + 1] == f"consul://consul-server.{NAMESPACE}.svc:8500?service=shardmesh-worker"
+
+
+def test_connect_inject_registration_by_consul_k8s(chart: Any) -> None:
+    release = render(chart, {"consul": {"address": EXISTING_CONSUL, "registration": "connect-inject", "serviceName": "mesh-a", "tags": ["x", "y"]}})
+    for sts in release.statefulsets:
+        pod = sts["spec"]["template"]
+        annotations = pod["metadata"]["annotations"]
+        assert annotations["consul.hashicorp.com/connect-inject"] == "true"
+        assert annotations["consul.hashicorp.com/connect-service"] == "mesh-a"
+        assert annotations["consul.hashicorp.com/connect-service-port"] == "grpc"
+        assert annotations["consul.hashicorp.com/transparent-proxy"] == "false"
+        assert annotations["consul.hashicorp.com/service-meta-layers"] == sts["metadata"]["annotations"]["shardmesh.io/layers"]
+        assert annotations["consul.hashicorp.com/service-tags"] == "x,y"
+        args = pod["spec"]["containers"][0]["args"]
+        assert "--no-consul-register" in args and "--consul" not in args
+        # consul-k8s with ACLs: the ServiceAccount is named like the Consul service and its token is mounted.
+        assert pod["spec"]["serviceAccountName"] == "mesh-a"
+        assert pod["spec"]["automountServiceAccountToken"] is True
+    assert {sa["metadata"]["name"] for sa in release.of_kind("ServiceAccount")} == {f"{RELEASE}-shardmesh-router", "mesh-a"}
+    # Only workers join: the router and the test pod opt out even where injection is the namespace default.
+    assert _router_pod(release)["metadata"]["annotations"]["consul.hashicorp.com/connect-inject"] == "false"
+    assert release.test_pod["metadata"]["annotations"]["consul.hashicorp.com/connect-inject"] == "false"
+    for svc in release.of_kind("Service"):
+        if svc["spec"].get("clusterIP") == "None":
+            assert svc["metadata"]["annotations"]["consul.hashicorp.com/service-sync"] == "false"
+
+
+def test_catalog_sync_registration_by_consul_k8s(chart: Any) -> None:
+    release = render(chart, {"consul": {"address": EXISTING_CONSUL, "registration": "catalog-sync"}})
+    headless = [s for s in release.of_kind("Service") if s["spec"].get("clusterIP") == "None"]
+    assert len(headless) == 2
+    for svc in headless:
+        annotations = svc["metadata"]["annotations"]
+        assert annotations["consul.hashicorp.com/service-sync"] == "true"
+        assert annotations["consul.hashicorp.com/service-name"] == "shardmesh-worker"
+        assert annotations["consul.hashicorp.com/service-port"] == "grpc"
+        assert annotations["consul.hashicorp.com/service-meta-layers"] == svc["metadata"]["annotations"]["shardmesh.io/layers"]
+    for pod in _worker_pods(release):
+        assert "--no-consul-register" in pod["spec"]["containers"][0]["args"]
+        assert "consul.hashicorp.com/connect-inject" not in pod["metadata"]["annotations"]
+        assert pod["spec"]["automountServiceAccountToken"] is False
+
+
+# ---------- weights ----------
+
+
+def _volume(pod: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((v for v in pod["spec"]["volumes"] if v["name"] == name), None)
+
+
+def test_weights_baked_into_the_image_need_no_volume(chart: Any) -> None:
+    release = render(chart)
+    for pod in _main_pods(release):
+        assert _volume(pod, "weights") is None
+        assert "initContainers" not in pod["spec"]
+
+
+def test_weights_from_an_existing_pvc(chart: Any) -> None:
+    release = render(chart, {"model": "/models/m", "weights": {"source": "pvc", "pvc": {"claimName": "w", "subPath": "v2"}}})
+    for pod in _main_pods(release):
+        assert _volume(pod, "weights") == {"name": "weights", "persistentVolumeClaim": {"claimName": "w", "readOnly": True}}
+        mount = next(m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == "weights")
+        assert mount == {"name": "weights", "mountPath": "/models", "readOnly": True, "subPath": "v2"}
+    router_args = parse_cli(_router_pod(release)["spec"]["containers"][0])
+    assert router_args.model == "/models/m", "the router reads the tokenizer from the same directory"
+
+
+def test_weights_converted_by_an_init_container(chart: Any) -> None:
+    release = render(chart, {"model": "/models/smollm2", "weights": {"source": "init", "init": {"sizeLimit": "3Gi"}}})
+    for pod in _main_pods(release):
+        assert _volume(pod, "weights") == {"name": "weights", "emptyDir": {"sizeLimit": "3Gi"}}
+        (init,) = pod["spec"]["initContainers"]
+        args = parse_cli(init)
+        assert (args.command, args.model, args.out_dir) == ("convert", "smollm2", "/models/smollm2")
+        assert {"name": "weights", "mountPath": "/models"} in init["volumeMounts"]
+
+
+def test_weights_copied_by_an_init_container(chart: Any) -> None:
+    release = render(chart, {"model": "/models/m", "weights": {"source": "init", "init": {"copyFrom": "/data/m/", "image": {"repository": "reg/w", "tag": "7"}}}})
+    for pod in _main_pods(release):
+        (init,) = pod["spec"]["initContainers"]
+        assert init["image"] == "reg/w:7"
+        assert init["command"] == ["cp", "-R", "/data/m/.", "/models/m"]
+
+
+# ---------- TLS ----------
+
+
+def test_tls_mounts_the_secret_and_passes_the_files(chart: Any) -> None:
+    release = render(chart, {"tls": {"enabled": True, "secretName": "sm-tls"}})
+    for owner, _, spec in pod_templates(release):
+        assert _volume({"spec": spec}, "tls") == {"name": "tls", "secret": {"secretName": "sm-tls", "defaultMode": 0o440}}
+        container = spec["containers"][0]
+        assert {"name": "tls", "mountPath": "/etc/shardmesh/tls", "readOnly": True} in container["volumeMounts"]
+        args = parse_cli(container, f"{owner['metadata']['name']}-0")
+        assert args.tls_ca == "/etc/shardmesh/tls/ca.crt"
+        if args.command != "infer":
+            assert (args.tls_cert, args.tls_key) == ("/etc/shardmesh/tls/tls.crt", "/etc/shardmesh/tls/tls.key")
+
+
+def test_tls_without_a_ca_is_server_tls_only(chart: Any) -> None:
+    release = render(chart, {"tls": {"enabled": True, "secretName": "sm-tls", "mutual": False}})
+    for pod in _main_pods(release):
+        args = parse_cli(pod["spec"]["containers"][0])
+        assert args.tls_cert and args.tls_key and args.tls_ca is None
+
+
+# ---------- NetworkPolicy ----------
+
+
+def _selector(component: str) -> dict[str, Any]:
+    return {"matchLabels": {"app.kubernetes.io/name": "shardmesh", "app.kubernetes.io/instance": RELEASE, "app.kubernetes.io/component": component}}
+
+
+def test_network_policy_is_off_by_default(chart: Any) -> None:
+    assert render(chart).of_kind("NetworkPolicy") == []
+
+
+def test_network_policy_allows_only_mesh_traffic(chart: Any) -> None:
+    clients = [{"namespaceSelector": {"matchLabels": {"team": "search"}}}]
+    release = render(chart, {"networkPolicy": {"enabled": True, "clients": clients}})
+    workers = release.one("NetworkPolicy", f"{RELEASE}-shardmesh-worker")
+    assert workers["spec"]["podSelector"] == _selector("worker")
+    assert workers["spec"]["policyTypes"] == ["Ingress"]
+    grpc_rule, metrics_rule = workers["spec"]["ingress"]
+    assert grpc_rule["from"] == [{"podSelector": _selector("router")}, {"podSelector": _selector("worker")}]
+    assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    assert metrics_rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert metrics_rule["from"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+
+    router = release.one("NetworkPolicy", f"{RELEASE}-shardmesh-router")
+    assert router["spec"]["podSelector"] == _selector("router")
+    client_rule, router_metrics = router["spec"]["ingress"]
+    assert client_rule["from"] == [*clients, {"podSelector": _selector("test")}]
+    assert client_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    assert router_metrics == metrics_rule
+    # The helm test pod carries the label the router policy lets in.
+    assert release.test_pod["metadata"]["labels"]["app.kubernetes.io/component"] == "test"
+
+
+def test_network_policy_admits_consul_agent_health_checks_only_when_they_happen(chart: Any) -> None:
+    grpc_checks = render(chart, {"networkPolicy": {"enabled": True}, "consul": {"address": "$(HOST_IP):8500"}})
+    rule = grpc_checks.one("NetworkPolicy", f"{RELEASE}-shardmesh-worker")["spec"]["ingress"][0]
+    assert {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "consul", "component": "client"}}} in rule["from"]
+    ttl = render(chart, {"networkPolicy": {"enabled": True}, "consul": {"address": "$(HOST_IP):8500", "check": "ttl"}})
+    assert len(ttl.one("NetworkPolicy", f"{RELEASE}-shardmesh-worker")["spec"]["ingress"][0]["from"]) == 2
+
+
+# ---------- misc ----------
+
+
+def test_version_label_and_image_follow_app_version(chart: Any) -> None:
+    release = render(chart)
+    app_version = chart.metadata["appVersion"]
+    assert release.router["metadata"]["labels"]["app.kubernetes.io/version"] == app_version
+    assert _router_pod(release)["spec"]["containers"][0]["image"] == f"shardmesh:{app_version}"
+    pinned = render(chart, {"image": {"repository": "reg.example/shardmesh", "tag": "abc"}})
+    assert {c["image"] for _, _, s in pod_templates(pinned) for c in s["containers"]} == {"reg.example/shardmesh:abc"}
+
+
+def test_whole_numbers_render_as_integers(chart: Any) -> None:
+    release = render(chart, {"router": {"maxInflight": 1000000, "requestTimeoutS": 2.5}})
+    args = parse_cli(_router_pod(release)["spec"]["containers"][0])
+    assert (args.max_inflight, args.request_timeout_s) == (1000000, 2.5)
+
+
+def test_existing_service_accounts(chart: Any) -> None:
+    release = render(chart, {"serviceAccount": {"create": False, "routerName": "ops-router", "workerName": "ops-worker"}})
+    assert release.of_kind("ServiceAccount") == []
+    assert _router_pod(release)["spec"]["serviceAccountName"] == "ops-router"
+    assert release.test_pod["spec"]["serviceAccountName"] == "ops-router"
+    assert {pod["spec"]["serviceAccountName"] for pod in _worker_pods(release)} == {"ops-worker"}

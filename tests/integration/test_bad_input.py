@@ -1,0 +1,147 @@
+"""Bad input gets a clear status naming what to fix; router and workers keep serving the next request."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+
+from services.gen.shardmesh.v1 import router_pb2, router_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc
+from services.models.registry import resolve_model
+from services.wire import codec
+from tests.procs import UpMesh, mesh_up
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[UpMesh]:
+    config = {
+        "model": "minilm",
+        "workers": [{"layers": "0:3"}, {"layers": "3:6"}],
+        "router_args": ["--max-tensor-mb", "1"],
+        "worker_args": ["--max-tensor-mb", "4"],
+    }
+    with mesh_up(config) as m:
+        yield m
+
+
+def _router_call(mesh: UpMesh, request: router_pb2.InferRequest) -> router_pb2.InferResponse:
+    with grpc.insecure_channel(mesh.router) as channel:
+        return router_pb2_grpc.RouterStub(channel).Infer(request, timeout=30)
+
+
+def _assert_good(mesh: UpMesh) -> None:
+    reply = _router_call(mesh, router_pb2.InferRequest(text="still serving"))
+    assert list(reply.output.shape) == [1, 384]
+
+
+def _bad_tensor(**overrides: object) -> tensor_pb2.Tensor:
+    msg = codec.encode(torch.tensor([[101, 7592, 102]]))
+    for key, value in overrides.items():
+        if key == "shape":
+            del msg.shape[:]
+            msg.shape.extend(value)  # type: ignore[arg-type]
+        else:
+            setattr(msg, key, value)
+    return msg
+
+
+@pytest.mark.parametrize(
+    ("request_factory", "code", "fragment"),
+    [
+        (lambda: router_pb2.InferRequest(text="   "), grpc.StatusCode.INVALID_ARGUMENT, "text: empty"),
+        (lambda: router_pb2.InferRequest(), grpc.StatusCode.INVALID_ARGUMENT, "input: missing"),
+        (lambda: router_pb2.InferRequest(tokens=router_pb2.TokenIds()), grpc.StatusCode.INVALID_ARGUMENT, "tokens: empty"),
+        (lambda: router_pb2.InferRequest(tensor=_bad_tensor(data=b"\0" * 5)), grpc.StatusCode.INVALID_ARGUMENT, "tensor: data has 5 bytes"),
+        (lambda: router_pb2.InferRequest(tensor=_bad_tensor(dtype=42)), grpc.StatusCode.INVALID_ARGUMENT, "tensor: unknown or unspecified dtype 42"),
+        (
+            lambda: router_pb2.InferRequest(tensor=codec.encode(torch.zeros(1, 3))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "tensor: dtype float32 not accepted",
+        ),
+        (
+            lambda: router_pb2.InferRequest(tensor=_bad_tensor(shape=[1, 400_000], data=b"")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "exceeds the limit of 1048576 bytes",
+        ),
+        (
+            lambda: router_pb2.InferRequest(tensor=codec.encode(torch.tensor([[101, 10**7, 102]]))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "token ids must be in [0, 30522)",
+        ),
+        (
+            lambda: router_pb2.InferRequest(tensor=codec.encode(torch.ones(1, 600, dtype=torch.int64))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "600 tokens exceed the model's maximum of 512",
+        ),
+        (
+            lambda: router_pb2.InferRequest(
+                tensor=codec.encode(torch.tensor([[101, 102]])), attention_mask=codec.encode(torch.ones(1, 3, dtype=torch.int64))
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "attention_mask: shape [1, 3] does not match",
+        ),
+    ],
+)
+def test_router_rejects_bad_input_and_keeps_serving(mesh: UpMesh, request_factory, code, fragment) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as info:
+        _router_call(mesh, request_factory())
+    assert info.value.code() == code, info.value.details()
+    assert fragment in info.value.details()
+    _assert_good(mesh)
+
+
+def _worker_stub(mesh: UpMesh, name: str) -> tuple[grpc.Channel, worker_pb2_grpc.ShardWorkerStub]:
+    channel = grpc.insecure_channel(mesh.workers[name]["address"])
+    return channel, worker_pb2_grpc.ShardWorkerStub(channel)
+
+
+def test_worker_rejects_bad_activations(mesh: UpMesh) -> None:
+    hidden = resolve_model("minilm").hidden_size
+    channel, stub = _worker_stub(mesh, "w1")  # layers 3:6 expect hidden states
+    with channel:
+        info = stub.Describe(worker_pb2.DescribeRequest(), timeout=5)
+        assert (info.layers.start, info.layers.end, info.total_layers) == (3, 6, 6)
+        cases = [
+            (worker_pb2.ForwardRequest(input=codec.encode(torch.zeros(1, 4, hidden + 1))), "hidden size 385"),
+            (worker_pb2.ForwardRequest(input=codec.encode(torch.zeros(1, 4))), "rank 2"),
+            (worker_pb2.ForwardRequest(input=codec.encode(torch.zeros(1, 4, hidden, dtype=torch.int64))), "dtype int64 not accepted"),
+            (worker_pb2.ForwardRequest(input=_bad_tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1, 2, hidden])), "data has 24 bytes"),
+            (worker_pb2.ForwardRequest(input=codec.encode(torch.zeros(1, 4096, hidden))), "exceeds the limit of 4194304 bytes"),
+        ]
+        for request, fragment in cases:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Forward(request, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "input:" in err.value.details() and fragment in err.value.details()
+        for request, fragment in [
+            (worker_pb2.ForwardRequest(input=codec.encode(torch.zeros(1, 4, hidden)), layers=tensor_pb2.LayerRange(start=0, end=3)), "planned for 0:3"),
+            (worker_pb2.ForwardRequest(input=codec.encode(torch.zeros(1, 4, hidden)), model_checksum="0" * 64), "disagree on the model"),
+        ]:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Forward(request, timeout=10)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and fragment in err.value.details()
+        good = stub.Forward(worker_pb2.ForwardRequest(input=codec.encode(torch.zeros(1, 4, hidden))), timeout=10)
+        assert list(good.output.shape) == [1, hidden]
+        assert good.hops[-1].worker_id == "w1"
+
+
+async def test_stream_reports_errors_per_request_and_stays_open(mesh: UpMesh) -> None:
+    hidden = resolve_model("minilm").hidden_size
+    async with grpc.aio.insecure_channel(mesh.workers["w1"]["address"]) as channel:
+        call = worker_pb2_grpc.ShardWorkerStub(channel).ForwardStream()
+        await call.write(worker_pb2.ForwardRequest(request_id="bad", input=codec.encode(torch.zeros(1, 4))))
+        await call.write(worker_pb2.ForwardRequest(request_id="good", input=codec.encode(torch.zeros(1, 4, hidden))))
+        await call.done_writing()
+        replies = {}
+        async for reply in call:
+            replies[reply.request_id] = reply
+    assert replies["bad"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "rank 2" in replies["bad"].error.message and replies["bad"].error.failed_worker_id == "w1"
+    assert not replies["good"].HasField("error") and list(replies["good"].output.shape) == [1, hidden]
+    await asyncio.sleep(0)
+    _assert_good(mesh)
