@@ -11,7 +11,7 @@ from services.gen.shardmesh.v1 import router_pb2, tensor_pb2
 from services.models.registry import load_tokenizer, resolve_model
 from services.telemetry import INFLIGHT
 from router.inputs import TokenizerCache, request_inputs
-from router.pipeline import DirectPipeline
+from router.pipeline import Pipeline
 from router.topology import Topology
 
 MODE_NAMES = {"direct": tensor_pb2.MODE_DIRECT, "relay": tensor_pb2.MODE_RELAY}
@@ -21,7 +21,7 @@ class RouterCore:
     def __init__(
         self,
         topology: Topology,
-        direct: DirectPipeline,
+        pipeline: Pipeline,
         *,
         default_mode: str,
         request_timeout_s: float,
@@ -30,7 +30,7 @@ class RouterCore:
         tokenizer_model: str | None,
     ) -> None:
         self.topology = topology
-        self.direct = direct
+        self.pipeline = pipeline
         self.default_mode = MODE_NAMES[default_mode]
         self.request_timeout_s = request_timeout_s
         self.max_inflight = max_inflight
@@ -65,11 +65,9 @@ class RouterCore:
         started = time.monotonic()
         deadline = started + (time_remaining if time_remaining is not None else self.request_timeout_s)
         mode = request.mode or self.default_mode
-        if mode == tensor_pb2.MODE_RELAY:
-            raise FailedPrecondition("relay mode is not available in this version; use mode=direct")
         ids, mask = request_inputs(request, self._tokenizer, self.max_tensor_bytes)
         request_id = request.request_id or uuid.uuid4().hex
-        result = await self.direct.run(request_id, ids, mask, deadline)
+        result = await self.pipeline.run(request_id, ids, mask, deadline, relay=mode == tensor_pb2.MODE_RELAY)
         response = router_pb2.InferResponse(
             request_id=request_id,
             output=result.output,
@@ -91,8 +89,8 @@ class RouterCore:
                 layers=tensor_pb2.LayerRange(start=w.span.start, end=w.span.end),
                 model_id=w.model_id,
                 weights_checksum=w.checksum,
-                healthy=not self.direct._outliers.is_ejected(w.worker_id, now),
-                outstanding=self.direct.stats[w.worker_id].outstanding if w.worker_id in self.direct.stats else 0,
+                healthy=not self.pipeline.outliers.is_ejected(w.worker_id, now),
+                outstanding=self.pipeline.stats[w.worker_id].outstanding if w.worker_id in self.pipeline.stats else 0,
             )
         try:
             plan = self.topology.plan()

@@ -16,7 +16,7 @@ from services.lifecycle import ServerLifecycle
 from services.telemetry import setup_logging, start_metrics
 from router.core import RouterCore
 from router.peers import WorkerPool
-from router.pipeline import DirectPipeline, PipelineSettings
+from router.pipeline import Pipeline, PipelineSettings
 from router.planning.outlier import OutlierConfig, OutlierDetector
 from router.planning.retry_budget import RetryBudget
 from router.servicer import RouterServicer
@@ -61,7 +61,7 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None) -> int
 
     topology = Topology(discovery, pool, on_change)
     outliers = OutlierDetector(OutlierConfig())
-    pipeline = DirectPipeline(
+    pipeline = Pipeline(
         topology,
         pool,
         PipelineSettings(hop_timeout_s=config.hop_timeout_s, max_attempts=config.max_attempts),

@@ -1,4 +1,4 @@
-"""Runs one request through the planned stages (direct mode), failing over hop by hop.
+"""Runs one request through the planned stages (direct or relay), failing over hop by hop.
 
 The router keeps each stage's input until that stage answers, so a failed hop is resent to another
 replica of the same layers: nothing upstream is recomputed. A hop failure is attributed to the hop
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from services.errors import DeadlineExceeded, ResourceExhausted, ShardmeshError, Unavailable
 from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
 from services.telemetry import FAILOVERS
+from services.transport.stream_client import downstream_budget
 from router.peers import WorkerPool
 from router.planning.balancer import ReplicaStats, choose_replica
 from router.planning.outlier import OutlierDetector
@@ -43,7 +44,16 @@ class PipelineResult:
     attempts: int = 1
 
 
-class DirectPipeline:
+class Pipeline:
+    """Direct and relay execution with hop-level failover.
+
+    direct: the router sends each stage's input and receives its output, one stage at a time.
+    relay: the router sends the input and the rest of the route to the first stage; each worker
+    forwards to the next and the final output returns back along the chain. If a worker cannot
+    deliver to its downstream peer, it returns the activation it holds with the failed hop named,
+    and the router resumes from that stage on another replica (nothing upstream is recomputed).
+    """
+
     def __init__(
         self,
         topology: Topology,
@@ -56,7 +66,7 @@ class DirectPipeline:
         self._topology = topology
         self._pool = pool
         self._settings = settings
-        self._outliers = outliers
+        self.outliers = outliers
         self._budget = retry_budget
         self._rng = rng or random.Random()
         self.stats: dict[str, ReplicaStats] = {}
@@ -73,59 +83,67 @@ class DirectPipeline:
         ids: tensor_pb2.Tensor,
         mask: tensor_pb2.Tensor | None,
         deadline: float,
+        *,
+        relay: bool = False,
     ) -> PipelineResult:
         now = time.monotonic()
         self._budget.record_request(now)
-        plan = self._topology.plan(excluded=self._outliers.ejected(now))
+        plan = self._topology.plan(excluded=self.outliers.ejected(now))
         checksum, total = plan.checksum, plan.total_layers
         result = PipelineResult(output=ids)
         layer = 0
         stage_input = ids
         failed: set[str] = set()  # workers that failed this request: not tried again for it
+        attempts: dict[int, int] = {}  # failed attempts per starting layer
+        last_error: tuple[ShardmeshError, WorkerInfo] | None = None
         while layer < total:
-            attempt = 0
-            last_error: tuple[ShardmeshError, WorkerInfo] | None = None
-            while True:
-                now = time.monotonic()
-                if now >= deadline:
-                    raise DeadlineExceeded(f"request {request_id} ran out of time before layer {layer}")
-                excluded = frozenset(failed) | self._outliers.ejected(now)
-                try:
-                    stage = self._topology.plan(excluded=excluded, start_layer=layer, checksum=checksum).stages[0]
-                except Unavailable as no_route:
-                    if last_error is None:
-                        raise
-                    # Report the hop that failed first; the planner's view explains why nothing else could serve.
-                    raise _name_hop(last_error[0], last_error[1], also=str(no_route)) from None
-                worker = choose_replica(stage.replicas, self.stats, self._rng)
-                try:
-                    response, hop_ms = await self._call(worker, request_id, attempt, stage_input, mask, checksum, deadline)
-                except _RETRYABLE as exc:
-                    attempt += 1
-                    last_error = (exc, worker)
-                    failed.add(worker.worker_id)
-                    if not isinstance(exc, ResourceExhausted):
-                        self._outliers.record_failure(worker.worker_id, time.monotonic(), stage.replica_ids)
-                    retry_ok = attempt < self._settings.max_attempts and self._budget.try_acquire_retry(time.monotonic())
-                    if not retry_ok:
-                        raise _name_hop(exc, worker) from None
-                    FAILOVERS.labels(reason=type(exc).__name__).inc()
-                    result.attempts += 1
-                    log.warning("request %s: hop %s failed (%s); failing over", request_id, worker.worker_id, exc)
-                    continue
-                break
-            self._outliers.record_success(worker.worker_id, time.monotonic())
-            hop = response.hops[-1]
-            hop.hop_ms = hop_ms
-            result.hops.append(hop)
+            now = time.monotonic()
+            if now >= deadline:
+                raise DeadlineExceeded(f"request {request_id} ran out of time before layer {layer}")
+            excluded = frozenset(failed) | self.outliers.ejected(now)
+            try:
+                stages = self._topology.plan(excluded=excluded, start_layer=layer, checksum=checksum).stages
+            except Unavailable as no_route:
+                if last_error is None:
+                    raise
+                # Report the hop that failed first; the planner's view explains why nothing else could serve.
+                raise _name_hop(last_error[0], last_error[1], also=str(no_route)) from None
+            chosen = [choose_replica(s.replicas, self.stats, self._rng) for s in (stages if relay else stages[:1])]
+            try:
+                response, hop_ms = await self._call(chosen, request_id, sum(attempts.values()), stage_input, mask, checksum, deadline)
+            except _RETRYABLE as exc:
+                worker = next((w for w in chosen if w.worker_id == exc.failed_worker_id), chosen[0])
+                partial = exc.relay_response
+                if partial is not None and partial.error.HasField("pending_input") and worker is not chosen[0]:
+                    # Relay: stages before the failed hop completed; resume from the failed hop's input.
+                    result.hops.extend(partial.hops)
+                    stage_input = partial.error.pending_input
+                    layer = worker.span.start
+                last_error = (exc, worker)
+                failed.add(worker.worker_id)
+                if not isinstance(exc, ResourceExhausted):
+                    stage = next(s for s in stages if s.span == worker.span)
+                    self.outliers.record_failure(worker.worker_id, time.monotonic(), stage.replica_ids)
+                attempts[layer] = attempts.get(layer, 0) + 1
+                retry_ok = attempts[layer] < self._settings.max_attempts and self._budget.try_acquire_retry(time.monotonic())
+                if not retry_ok:
+                    raise _name_hop(exc, worker) from None
+                FAILOVERS.labels(reason=type(exc).__name__).inc()
+                result.attempts += 1
+                log.warning("request %s: hop %s failed (%s); failing over", request_id, worker.worker_id, exc)
+                continue
+            for worker in chosen:
+                self.outliers.record_success(worker.worker_id, time.monotonic())
+            response.hops[len(response.hops) - len(chosen)].hop_ms = hop_ms
+            result.hops.extend(response.hops[len(response.hops) - len(chosen):])
             stage_input = response.output
-            layer = stage.span.end
+            layer = chosen[-1].span.end
         result.output = stage_input
         return result
 
     async def _call(
         self,
-        worker: WorkerInfo,
+        chosen: list[WorkerInfo],
         request_id: str,
         attempt: int,
         stage_input: tensor_pb2.Tensor,
@@ -133,27 +151,38 @@ class DirectPipeline:
         checksum: str,
         deadline: float,
     ) -> tuple[worker_pb2.ForwardResponse, float]:
+        first = chosen[0]
         remaining = deadline - time.monotonic()
-        timeout = min(self._settings.hop_timeout_s, remaining)
+        # A relayed call covers several hops: allow the hop timeout for each of them.
+        timeout = min(self._settings.hop_timeout_s * len(chosen), remaining)
         request = worker_pb2.ForwardRequest(
-            request_id=f"{request_id}/{worker.span}/{attempt}",
+            request_id=f"{request_id}/{first.span}/{attempt}",
             input=stage_input,
-            layers=tensor_pb2.LayerRange(start=worker.span.start, end=worker.span.end),
+            layers=tensor_pb2.LayerRange(start=first.span.start, end=first.span.end),
             model_checksum=checksum,
-            timeout_ms=max(1, int(timeout * 1000)),
+            timeout_ms=max(1, int(downstream_budget(timeout) * 1000)),
             source=tensor_pb2.SOURCE_ROUTER,
+            mode=tensor_pb2.MODE_RELAY if len(chosen) > 1 else tensor_pb2.MODE_DIRECT,
         )
+        for worker in chosen[1:]:
+            request.downstream.add(
+                worker_id=worker.worker_id,
+                address=worker.address,
+                layers=tensor_pb2.LayerRange(start=worker.span.start, end=worker.span.end),
+            )
         if mask is not None:
             request.attention_mask.CopyFrom(mask)
-        stats = self._stats(worker.worker_id)
-        stats.start()
+        stats = [self._stats(w.worker_id) for w in chosen]
+        for st in stats:
+            st.start()
         started = time.monotonic()
         try:
-            response = await self._pool.stream(worker).call(request, timeout)
+            response = await self._pool.stream_to(first).call(request, timeout)
         finally:
-            stats.finish()
+            for st in stats:
+                st.finish()
         elapsed = time.monotonic() - started
-        stats.observe(elapsed, time.monotonic())
+        self._stats(first.worker_id).observe(elapsed, time.monotonic())
         return response, elapsed * 1000
 
 

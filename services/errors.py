@@ -25,6 +25,8 @@ class ShardmeshError(Exception):
         self.message = message
         self.failed_worker_id = failed_worker_id
         self.failed_address = failed_address
+        # Relay: the ForwardResponse that carried this error (completed hops, undelivered activation).
+        self.relay_response: Any = None
 
     def __str__(self) -> str:
         return self.message

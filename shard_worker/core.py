@@ -10,12 +10,13 @@ import time
 
 import torch
 
-from services.errors import DeadlineExceeded
+from services.errors import DeadlineExceeded, FailedPrecondition
 from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
 from services.models.base import ModelSource, StageModel
 from services.wire import codec
 from shard_worker.engine import StageEngine
 from shard_worker.inputs import InputLimits, check_plan, decode_input
+from shard_worker.relay import Relay
 
 VERSION = "0.1.0"
 
@@ -28,12 +29,15 @@ class WorkerCore:
         limits: InputLimits,
         address: str,
         wire_dtype: torch.dtype = torch.float32,
+        relay: Relay | None = None,
     ) -> None:
         self.stage = stage
         self.engine = engine
         self.limits = limits
         self.address = address
         self.wire_dtype = wire_dtype
+        self.relay = relay
+        self.active = 0
 
     @property
     def worker_id(self) -> str:
@@ -54,8 +58,17 @@ class WorkerCore:
         return min(candidates) if candidates else None
 
     async def forward(self, request: worker_pb2.ForwardRequest, deadline: float | None) -> worker_pb2.ForwardResponse:
+        """Runs this stage (and, in relay mode, the rest of the chain); ``active`` counts calls in progress."""
+        self.active += 1
+        try:
+            return await self._forward(request, deadline)
+        finally:
+            self.active -= 1
+
+    async def _forward(self, request: worker_pb2.ForwardRequest, deadline: float | None) -> worker_pb2.ForwardResponse:
         span = self.stage.span
         check_plan(request, span, self.source.checksum, self.worker_id)
+        Relay.check_route(request, span.end, self.source.total_layers)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded(f"deadline exceeded before hop {self.worker_id} started", failed_worker_id=self.worker_id)
         inputs = decode_input(request, self.stage, self.limits)
@@ -77,6 +90,10 @@ class WorkerCore:
             compute_ms=result.compute_ms,
             queue_ms=result.queue_ms,
         )
+        if request.downstream:
+            if self.relay is None:
+                raise FailedPrecondition(f"worker {self.worker_id} does not relay")
+            return await self.relay.forward(request, result.value, record, deadline)  # type: ignore[arg-type]
         response = worker_pb2.ForwardResponse(request_id=request.request_id, output=result.value)  # type: ignore[arg-type]
         response.hops.extend(request.upstream_hops)
         response.hops.append(record)
@@ -95,7 +112,7 @@ class WorkerCore:
             version=VERSION,
             capacity=worker_pb2.Capacity(
                 max_inflight=self.engine.max_inflight,
-                inflight=self.engine.inflight,
+                inflight=self.active,
                 max_tensor_bytes=self.limits.max_tensor_bytes,
             ),
             state="draining" if self.engine.draining else "serving",

@@ -18,7 +18,9 @@ from services.wire import codec
 from shard_worker.core import WorkerCore
 from shard_worker.engine import StageEngine
 from shard_worker.inputs import InputLimits
+from shard_worker.relay import Relay
 from shard_worker.servicer import ShardWorkerServicer
+from services.transport.pool import PeerPool
 
 log = logging.getLogger("shardmesh.worker")
 
@@ -62,7 +64,8 @@ async def serve(config: WorkerConfig) -> int:
         vocab_size=source.vocab_size,
         hidden_size=source.hidden_size,
     )
-    core = WorkerCore(stage, engine, limits, address, codec.dtype_from_name(config.wire_dtype))
+    peers = PeerPool(config.tls if config.tls.enabled else None)
+    core = WorkerCore(stage, engine, limits, address, codec.dtype_from_name(config.wire_dtype), Relay(peers, worker_id))
     servicer.attach(core)
     await lifecycle.set_serving(True)
     start_metrics(config.metrics_listen)
@@ -75,6 +78,7 @@ async def serve(config: WorkerConfig) -> int:
     if not drained:
         log.warning("grace period of %.1fs ended with %d requests in flight", config.grace_s, engine.inflight)
     await lifecycle.stop(0.5)
+    await peers.close()
     engine.close()
     log.info("worker %s stopped", worker_id)
     return 0

@@ -49,6 +49,8 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
 
     @grpc_errors
     async def Forward(self, request: worker_pb2.ForwardRequest, context: grpc.aio.ServicerContext) -> worker_pb2.ForwardResponse:
+        """Unary form. A relay failure further down comes back as ``response.error`` with the undelivered
+        activation (as on streams), so a caller can resume from the failed hop."""
         return await self._core.forward(request, self._core.deadline_for(request, context.time_remaining()))
 
     async def ForwardStream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:

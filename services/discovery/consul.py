@@ -183,9 +183,9 @@ class ConsulDiscovery:
                 await ready
         if self._task in done:
             self._task.result()  # the watcher never returns on its own: surface its bug
-        if not self._first_success.is_set():
-            log.warning("no answer from Consul at %s within %.1fs; starting with %s",
-                        self._address.hostport, self._start_timeout_s, self.snapshot().detail or "no endpoints")
+        if not self._first_success.is_set() and self._outage_since is None:  # slow, not failing: say so once
+            log.warning("no answer from Consul at %s within %.1fs; starting with no endpoints",
+                        self._address.hostport, self._start_timeout_s)
 
     def snapshot(self) -> DiscoverySnapshot:
         return self._publisher.current()

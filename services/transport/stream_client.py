@@ -20,6 +20,12 @@ from services.gen.shardmesh.v1 import worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 
+def downstream_budget(remaining_s: float) -> float:
+    """Time to grant the next hop: a little less than we have, so that when a hop deep in a chain runs
+    out of time, the hop that timed out reports it before every caller above gives up at once."""
+    return remaining_s - min(0.05, 0.1 * remaining_s)
+
+
 class ForwardStreamClient:
     """One peer's multiplexed ForwardStream. Owned by one event loop."""
 
@@ -109,12 +115,14 @@ class ForwardStreamClient:
             self._pending.pop(request.request_id, None)
         if response.HasField("error"):
             err = response.error
-            raise error_from_status(
+            exc = error_from_status(
                 code_from_int(err.code),
                 err.message,
                 failed_worker_id=err.failed_worker_id or self.worker_id,
                 failed_address=err.failed_address or self.address,
             )
+            exc.relay_response = response
+            raise exc
         return response
 
     async def _cancel_remote(self, request_id: str) -> None:

@@ -13,9 +13,7 @@ import os
 import signal
 import sys
 
-from tests.consul_emulator.server import ConsulEmulator
-
-READY_PREFIX = "consul-emulator-ready"
+from tests.consul_emulator.server import READY_PREFIX, ConsulEmulator
 
 
 def build_parser() -> argparse.ArgumentParser:

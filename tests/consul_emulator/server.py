@@ -47,6 +47,7 @@ from tests.consul_emulator.state import (
 
 log = logging.getLogger(__name__)
 
+READY_PREFIX = "consul-emulator-ready"  # the one stdout line of ``python -m tests.consul_emulator``
 DEFAULT_WAIT_S = 300.0
 MAX_WAIT_S = 600.0
 PAUSE_MODES = ("error", "refuse", "hang")

@@ -7,6 +7,7 @@ emulator's fault controls or its fast reaper, which skip there.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Any
 
@@ -69,6 +70,35 @@ async def test_ttl_check_starts_critical_passes_then_expires(consul_client: cons
 
     assert await consul_client.agent.check.ttl_warn(check_id)
     assert await check_status(consul_client, check_id) == "warning"
+
+
+async def test_check_update_endpoint(consul_client: consul.aio.Consul, consul_service_name: str,
+                                     consul_address: ConsulAddress) -> None:
+    check_id = await register_ttl(consul_client, consul_service_name, f"{consul_service_name}-u", ttl="30s")
+    url = f"http://{consul_address.hostport}/v1/agent/check/update/{check_id}"
+    async with aiohttp.ClientSession() as session:
+        async with session.put(url, json={"Status": "passing", "Output": "updated"}) as resp:
+            assert resp.status == 200
+        async with session.put(url, json={"Status": "sideways"}) as resp:
+            assert resp.status == 400
+    check = (await agent_checks(consul_client))[check_id]
+    assert (check["Status"], check["Output"]) == ("passing", "updated")
+
+
+async def test_tcp_check(consul_client: consul.aio.Consul, consul_service_name: str) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        closed_port = closed.getsockname()[1]
+    async with serve_health() as hs:
+        assert await consul_client.agent.service.register(
+            consul_service_name, service_id=f"{consul_service_name}-tcp", port=hs.port,
+            check={"CheckID": "tcp-open", "TCP": hs.address, "Interval": "100ms", "Timeout": "1s"},
+            extra_checks=[{"CheckID": "tcp-closed", "TCP": f"127.0.0.1:{closed_port}", "Interval": "100ms",
+                           "Status": "passing"}])
+        checks = await eventually(lambda: agent_checks(consul_client),
+                                  lambda c: c["tcp-open"]["Status"] == "passing" and c["tcp-closed"]["Status"] == "critical",
+                                  what="TCP probes")
+        assert checks["tcp-open"]["Type"] == "tcp"
 
 
 async def test_check_ids_names_and_initial_status_default_as_consul(consul_client: consul.aio.Consul,

@@ -1,0 +1,104 @@
+"""Relay mode, worker side: forward this stage's output to the next worker and return its answer.
+
+The result comes back along the chain (not straight to the router) so that only router->worker and
+worker->worker connections exist, which is what the Helm chart's NetworkPolicy allows, and the
+router needs no inbound port for results. If the next hop fails, this worker does not reroute by
+itself: it returns the activation it could not deliver with the failed hop named, and the router,
+which sees every replica, resumes from there.
+"""
+
+from __future__ import annotations
+
+import time
+
+from services.errors import DeadlineExceeded, FailedPrecondition, ShardmeshError, Unavailable, status_of
+from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
+from services.transport.pool import PeerPool
+from services.transport.stream_client import downstream_budget
+
+_UNDELIVERED = (Unavailable, DeadlineExceeded)
+
+
+class Relay:
+    def __init__(self, pool: PeerPool, worker_id: str) -> None:
+        self._pool = pool
+        self._worker_id = worker_id
+
+    @staticmethod
+    def check_route(request: worker_pb2.ForwardRequest, span_end: int, total_layers: int) -> None:
+        """The next hop must start where this worker ends, before any compute is spent."""
+        if not request.downstream:
+            return
+        nxt = request.downstream[0]
+        if nxt.layers.start != span_end:
+            raise FailedPrecondition(
+                f"relay route is not contiguous: this worker ends at layer {span_end} but the next hop "
+                f"{nxt.worker_id} starts at {nxt.layers.start}"
+            )
+        if span_end >= total_layers:
+            raise FailedPrecondition("relay route continues past the model's last layer")
+
+    async def forward(
+        self,
+        request: worker_pb2.ForwardRequest,
+        output: tensor_pb2.Tensor,
+        record: tensor_pb2.HopRecord,
+        deadline: float | None,
+    ) -> worker_pb2.ForwardResponse:
+        nxt = request.downstream[0]
+        remaining = (deadline - time.monotonic()) if deadline is not None else 30.0
+        if remaining <= 0:
+            raise DeadlineExceeded(
+                f"deadline exceeded at hop {self._worker_id} before relaying to {nxt.worker_id}",
+                failed_worker_id=self._worker_id,
+            )
+        down = worker_pb2.ForwardRequest(
+            request_id=request.request_id,
+            input=output,
+            layers=nxt.layers,
+            model_checksum=request.model_checksum,
+            timeout_ms=max(1, int(downstream_budget(remaining) * 1000)),
+            mode=tensor_pb2.MODE_RELAY,
+            source=tensor_pb2.SOURCE_UPSTREAM_WORKER,
+            source_worker_id=self._worker_id,
+        )
+        down.downstream.extend(request.downstream[1:])
+        down.upstream_hops.extend(request.upstream_hops)
+        down.upstream_hops.append(record)
+        if request.HasField("attention_mask"):
+            down.attention_mask.CopyFrom(request.attention_mask)
+        started = time.monotonic()
+        try:
+            response = await self._pool.stream(nxt.address, nxt.worker_id).call(down, downstream_budget(remaining))
+        except _UNDELIVERED as exc:
+            return self._undelivered(request, exc, output, down, nxt)
+        except ShardmeshError as exc:
+            if exc.relay_response is not None:
+                return exc.relay_response  # an error further down: pass it back unchanged
+            raise
+        hop_ms = 1000 * (time.monotonic() - started)
+        for hop in response.hops:
+            if hop.worker_id == nxt.worker_id and hop.layers.start == nxt.layers.start:
+                hop.hop_ms = hop_ms
+        return response
+
+    def _undelivered(
+        self,
+        request: worker_pb2.ForwardRequest,
+        exc: ShardmeshError,
+        output: tensor_pb2.Tensor,
+        down: worker_pb2.ForwardRequest,
+        nxt: tensor_pb2.RouteHop,
+    ) -> worker_pb2.ForwardResponse:
+        if exc.relay_response is not None and exc.failed_worker_id != nxt.worker_id:
+            return exc.relay_response  # failed deeper in the chain: that worker holds the activation
+        code, message = status_of(exc)
+        response = worker_pb2.ForwardResponse(request_id=request.request_id)
+        response.hops.extend(down.upstream_hops)
+        response.error.code = code.value[0]
+        response.error.message = message
+        response.error.failed_worker_id = nxt.worker_id
+        response.error.failed_address = nxt.address
+        response.error.failed_layers.CopyFrom(nxt.layers)
+        response.error.pending_input.CopyFrom(output)
+        return response
