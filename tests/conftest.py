@@ -9,6 +9,8 @@ import pytest
 
 from tests import procs
 
+pytest_plugins = ["tests.consul_fixtures"]
+
 # Tokenizers' thread pool and torch threads would oversubscribe 2 cores across many processes.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
