@@ -8,6 +8,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from services.discovery.consul_client import ConsulAddress, parse_consul_address
 from services.errors import ConfigError
 from services.layers import LayerSpan
 from services.net import TlsFiles, split_host_port
@@ -22,12 +23,12 @@ def _positive(name: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class ConsulRegistration:
-    address: str  # host:port of the agent ("" = do not register)
+    """How a worker registers itself with its Consul agent (absent with --no-consul-register)."""
+
+    agent: ConsulAddress
     service: str
     check: str  # "grpc" | "ttl"
     tags: tuple[str, ...]
-    token: str = ""
-    scheme: str = "http"
 
 
 @dataclass(frozen=True)
@@ -57,20 +58,13 @@ class WorkerConfig:
             split_host_port(args.advertise, what="--advertise")
         for name in ("max_inflight", "max_tensor_mb", "grace_s", "cache_budget_mb", "session_ttl_s"):
             _positive("--" + name.replace("_", "-"), getattr(args, name))
-        consul_addr = "" if args.no_consul_register else (args.consul or env.get("CONSUL_HTTP_ADDR", ""))
         consul = None
-        if consul_addr:
-            scheme = "https" if env.get("CONSUL_HTTP_SSL", "").lower() in ("1", "true") else "http"
-            if "://" in consul_addr:
-                scheme, consul_addr = consul_addr.split("://", 1)
-            split_host_port(consul_addr, what="--consul")
+        if not args.no_consul_register and (args.consul or env.get("CONSUL_HTTP_ADDR")):
             consul = ConsulRegistration(
-                address=consul_addr,
+                agent=parse_consul_address(args.consul, env),
                 service=args.consul_service,
                 check=args.consul_check,
                 tags=tuple(args.consul_tag),
-                token=env.get("CONSUL_HTTP_TOKEN", ""),
-                scheme=scheme,
             )
         return cls(
             model=args.model,

@@ -18,6 +18,7 @@ from services.wire import codec
 from shard_worker.core import WorkerCore
 from shard_worker.engine import StageEngine
 from shard_worker.inputs import InputLimits
+from shard_worker.presence import ConsulPresence
 from shard_worker.relay import Relay
 from shard_worker.servicer import ShardWorkerServicer
 from services.transport.pool import PeerPool
@@ -68,12 +69,25 @@ async def serve(config: WorkerConfig) -> int:
     core = WorkerCore(stage, engine, limits, address, codec.dtype_from_name(config.wire_dtype), Relay(peers, worker_id))
     servicer.attach(core)
     await lifecycle.set_serving(True)
+    presence = None
+    if config.consul is not None:
+        presence = ConsulPresence(
+            config.consul,
+            worker_id=worker_id,
+            advertise=address,
+            source=source,
+            span=config.span,
+            max_inflight=config.max_inflight,
+        )
+        presence.start()
     start_metrics(config.metrics_listen)
     log.info("worker %s SERVING layers %s of %s (checksum %s)", worker_id, config.span, source.model_id, source.checksum[:12])
 
     await stop
     log.info("worker %s draining: NOT_SERVING, finishing %d in-flight requests", worker_id, engine.inflight)
     await lifecycle.set_serving(False)
+    if presence is not None:
+        await presence.stop()  # routers stop sending here before the drain, not after
     drained = await engine.drain(config.grace_s)
     if not drained:
         log.warning("grace period of %.1fs ended with %d requests in flight", config.grace_s, engine.inflight)

@@ -152,7 +152,7 @@ def worker_argv(spec: MeshSpec, worker: WorkerSpec, extra: tuple[str, ...] = ())
 
 def router_argv(spec: MeshSpec, worker_addresses: list[str]) -> list[str]:
     if spec.discovery == "consul":
-        discovery = ["--discovery", f"consul://{spec.consul_address}" if spec.consul_address else "consul://"]
+        discovery = ["--discovery", f"consul://{spec.consul_address}?service={spec.consul_service}"]
     else:
         discovery = ["--workers", ",".join(worker_addresses)]
     return [*_cli(), "router", "--listen", spec.router_listen, "--mode", spec.mode, *discovery, *spec.router_args]
@@ -173,9 +173,10 @@ class LocalMesh:
         return self.router.address if self.router else ""
 
     def _worker_extra(self) -> tuple[str, ...]:
-        if self.spec.discovery == "consul" and self.spec.consul_address:
-            return ("--consul", self.spec.consul_address)
-        return ()
+        if self.spec.discovery != "consul":
+            return ()
+        agent = ("--consul", self.spec.consul_address) if self.spec.consul_address else ()
+        return (*agent, "--consul-service", self.spec.consul_service)
 
     async def start(self, timeout_s: float = START_TIMEOUT_S) -> str:
         try:

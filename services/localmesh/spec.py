@@ -34,7 +34,8 @@ class MeshSpec:
     workers: tuple[WorkerSpec, ...]
     mode: str = "direct"
     discovery: str = "static"
-    consul_address: str = ""
+    consul_address: str = ""  # "" = $CONSUL_HTTP_ADDR
+    consul_service: str = "shardmesh-worker"
     worker_args: tuple[str, ...] = ()
     router_args: tuple[str, ...] = ()
 
@@ -98,13 +99,17 @@ def parse_spec(data: Any, *, source: str = "config") -> MeshSpec:
             workers.append(WorkerSpec(name, span, _listen(raw.get("listen"), where), _args(raw.get("args"), where)))
     _check_layout(workers, source)
     consul = data.get("consul") or {}
+    if not isinstance(consul, dict):
+        raise ConfigError(f"{source}: consul must be a mapping like {{address: 127.0.0.1:8500, service: shardmesh-worker}}")
+    _check_keys(f"{source}: consul", consul, {"address", "service"})
     return MeshSpec(
         model=str(data["model"]),
         router_listen=_listen(router.get("listen"), f"{source}: router") if router.get("listen") else "127.0.0.1:0",
         workers=tuple(workers),
         mode=mode,
         discovery=discovery,
-        consul_address=str(consul.get("address", "")) if isinstance(consul, dict) else str(consul),
+        consul_address=str(consul.get("address", "")),
+        consul_service=str(consul.get("service", "shardmesh-worker")),
         worker_args=_args(data.get("worker_args"), f"{source}: worker_args"),
         router_args=_args(data.get("router_args"), f"{source}: router_args"),
     )

@@ -1,0 +1,77 @@
+"""The worker's presence in Consul: register once SERVING, deregister first thing on shutdown.
+
+If the agent is unreachable at start-up the worker keeps serving and retries registration in the
+background (with capped back-off): a Consul outage must not take healthy capacity away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from services.config import ConsulRegistration
+from services.discovery.registration import ConsulRegistrar, worker_meta
+from services.errors import ShardmeshError
+from services.models.base import ModelSource
+from services.layers import LayerSpan
+from services.net import split_host_port
+
+log = logging.getLogger(__name__)
+
+RETRY_INITIAL_S = 0.5
+RETRY_MAX_S = 10.0
+
+
+class ConsulPresence:
+    def __init__(
+        self,
+        config: ConsulRegistration,
+        *,
+        worker_id: str,
+        advertise: str,
+        source: ModelSource,
+        span: LayerSpan,
+        max_inflight: int,
+    ) -> None:
+        host, port = split_host_port(advertise, what="advertised address")
+        self._registrar = ConsulRegistrar(
+            config.agent,
+            service_name=config.service,
+            service_id=worker_id,
+            address=host,
+            port=port,
+            tags=("shardmesh", f"layers-{span.start}-{span.end}", *config.tags),
+            meta=worker_meta(source.model_id, span, source.total_layers, source.checksum, max_inflight),
+            check=config.check,  # type: ignore[arg-type]
+            interval_s=1.0,
+            ttl_s=6.0,
+        )
+        self._task: asyncio.Task[None] | None = None
+        self.registered = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._register_until_done(), name="consul-register")
+
+    async def _register_until_done(self) -> None:
+        delay = RETRY_INITIAL_S
+        while True:
+            try:
+                await self._registrar.register()
+                self.registered.set()
+                log.info("registered in Consul as %s", self._registrar.check_id.rsplit(":", 1)[0])
+                return
+            except ShardmeshError as exc:
+                log.warning("Consul registration failed (%s); retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+
+    async def stop(self) -> None:
+        """Deregisters (bounded; tolerant of Consul being down) and stops heartbeats."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self.registered.is_set():
+            await self._registrar.deregister()
+        await self._registrar.close()
