@@ -19,6 +19,7 @@ from router.peers import WorkerPool
 from router.pipeline import Pipeline, PipelineSettings
 from router.planning.outlier import OutlierConfig, OutlierDetector
 from router.planning.retry_budget import RetryBudget
+from router.planning.types import WorkerInfo
 from router.servicer import RouterServicer
 from router.topology import Topology
 
@@ -52,19 +53,25 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None) -> int
     pool = WorkerPool(config.tls if config.tls.enabled else None)
     discovery = discovery or build_discovery(parse_discovery(config.discovery, config.env))
 
-    async def on_change(complete: bool) -> None:
+    async def on_change(complete: bool, joined: list[WorkerInfo]) -> None:
+        for worker in joined:  # a restarted worker starts with a clean record
+            outliers.forget(worker.worker_id)
         await lifecycle.set_serving(complete)
         if complete:
             log.info("route complete: %s", topology.plan().describe())
         else:
             log.warning("no complete route: %s", topology.last_problem)
 
+    outliers = OutlierDetector(
+        OutlierConfig(consecutive_failures=config.eject_after_failures, base_ejection_s=config.eject_base_s)
+    )
     topology = Topology(discovery, pool, on_change)
-    outliers = OutlierDetector(OutlierConfig())
     pipeline = Pipeline(
         topology,
         pool,
-        PipelineSettings(hop_timeout_s=config.hop_timeout_s, max_attempts=config.max_attempts),
+        PipelineSettings(
+            hop_timeout_s=config.hop_timeout_s, max_attempts=config.max_attempts, hedge_after_s=config.hedge_after_s
+        ),
         outliers,
         RetryBudget(ratio=config.retry_budget),
     )

@@ -8,6 +8,7 @@ request's deadline.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 from services.errors import DeadlineExceeded, ResourceExhausted, ShardmeshError, Unavailable
 from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
-from services.telemetry import FAILOVERS
+from services.telemetry import FAILOVERS, HEDGES
 from services.transport.stream_client import downstream_budget
 from router.peers import WorkerPool
 from router.planning.balancer import ReplicaStats, choose_replica
@@ -35,6 +36,7 @@ _RETRYABLE = (Unavailable, DeadlineExceeded, ResourceExhausted)
 class PipelineSettings:
     hop_timeout_s: float
     max_attempts: int  # per hop
+    hedge_after_s: float = 0.0  # 0 = no hedging
 
 
 @dataclass
@@ -109,8 +111,13 @@ class Pipeline:
                 # Report the hop that failed first; the planner's view explains why nothing else could serve.
                 raise _name_hop(last_error[0], last_error[1], also=str(no_route)) from None
             chosen = [choose_replica(s.replicas, self.stats, self._rng) for s in (stages if relay else stages[:1])]
+            call_id = f"{request_id}/{layer}/{sum(attempts.values())}"
             try:
-                response, hop_ms = await self._call(chosen, request_id, sum(attempts.values()), stage_input, mask, checksum, deadline)
+                if relay or self._settings.hedge_after_s <= 0:
+                    response, hop_ms = await self._call(chosen, call_id, stage_input, mask, checksum, deadline)
+                else:
+                    spare = [r for r in stages[0].replicas if r.worker_id not in excluded and r != chosen[0]]
+                    response, hop_ms, chosen[0] = await self._hedged(chosen[0], spare, call_id, stage_input, mask, checksum, deadline)
             except _RETRYABLE as exc:
                 worker = next((w for w in chosen if w.worker_id == exc.failed_worker_id), chosen[0])
                 partial = exc.relay_response
@@ -141,11 +148,55 @@ class Pipeline:
         result.output = stage_input
         return result
 
+    def _hedge_delay(self, worker: WorkerInfo) -> float:
+        """Hedge once a hop is slower than its recent p95, but never sooner than --hedge-after-ms."""
+        p95 = self._stats(worker.worker_id).p95_estimate()
+        return max(self._settings.hedge_after_s, p95 or 0.0)
+
+    async def _hedged(
+        self,
+        primary: WorkerInfo,
+        spare: list[WorkerInfo],
+        call_id: str,
+        stage_input: tensor_pb2.Tensor,
+        mask: tensor_pb2.Tensor | None,
+        checksum: str,
+        deadline: float,
+    ) -> tuple[worker_pb2.ForwardResponse, float, WorkerInfo]:
+        """Direct mode: if ``primary`` is slow, send the same stage input to a second replica; first answer wins."""
+        first = asyncio.create_task(self._call([primary], call_id, stage_input, mask, checksum, deadline))
+        done, _ = await asyncio.wait({first}, timeout=self._hedge_delay(primary))
+        if done or not spare:
+            response, hop_ms = await first
+            return response, hop_ms, primary
+        backup = choose_replica(spare, self.stats, self._rng)
+        HEDGES.inc()
+        second = asyncio.create_task(self._call([backup], call_id + "/hedge", stage_input, mask, checksum, deadline))
+        owners = {first: primary, second: backup}
+        pending = set(owners)
+        error: BaseException | None = None
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is None:
+                        response, hop_ms = task.result()
+                        return response, hop_ms, owners[task]
+                    error = error or task.exception()
+                    failed_worker = owners[task]
+                    if isinstance(task.exception(), _RETRYABLE) and pending:
+                        stage_ids = tuple(owners[t].worker_id for t in owners)
+                        self.outliers.record_failure(failed_worker.worker_id, time.monotonic(), stage_ids)
+            assert error is not None
+            raise error
+        finally:
+            for task in pending:
+                task.cancel()
+
     async def _call(
         self,
         chosen: list[WorkerInfo],
-        request_id: str,
-        attempt: int,
+        call_id: str,
         stage_input: tensor_pb2.Tensor,
         mask: tensor_pb2.Tensor | None,
         checksum: str,
@@ -156,7 +207,7 @@ class Pipeline:
         # A relayed call covers several hops: allow the hop timeout for each of them.
         timeout = min(self._settings.hop_timeout_s * len(chosen), remaining)
         request = worker_pb2.ForwardRequest(
-            request_id=f"{request_id}/{first.span}/{attempt}",
+            request_id=call_id,
             input=stage_input,
             layers=tensor_pb2.LayerRange(start=first.span.start, end=first.span.end),
             model_checksum=checksum,

@@ -32,7 +32,7 @@ class Topology:
         self,
         discovery: Discovery,
         pool: WorkerPool,
-        on_change: Callable[[bool], Awaitable[None]] | None = None,
+        on_change: Callable[[bool, list[WorkerInfo]], Awaitable[None]] | None = None,
     ) -> None:
         self.discovery = discovery
         self._pool = pool
@@ -123,7 +123,7 @@ class Topology:
             complete = self.is_complete()
             ROUTE_COMPLETE.set(1 if complete else 0)
             if self._on_change is not None:
-                await self._on_change(complete)
+                await self._on_change(complete, [table[a] for a in added])
             self._changed.set()
 
     async def close(self) -> None:

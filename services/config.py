@@ -105,6 +105,8 @@ class RouterConfig:
     max_attempts: int
     retry_budget: float
     hedge_after_s: float
+    eject_after_failures: int
+    eject_base_s: float
     max_inflight: int
     max_tensor_bytes: int
     wire_dtype: str
@@ -118,7 +120,8 @@ class RouterConfig:
     def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> RouterConfig:
         env = dict(os.environ if env is None else env)
         split_host_port(args.listen, what="--listen")
-        for name in ("request_timeout_s", "hop_timeout_ms", "max_attempts", "max_inflight", "max_tensor_mb", "grace_s"):
+        for name in ("request_timeout_s", "hop_timeout_ms", "max_attempts", "max_inflight", "max_tensor_mb", "grace_s",
+                     "eject_after_failures", "eject_base_s"):
             _positive("--" + name.replace("_", "-"), getattr(args, name))
         discovery = args.discovery or f"static://{args.workers}"
         return cls(
@@ -131,6 +134,8 @@ class RouterConfig:
             max_attempts=args.max_attempts,
             retry_budget=args.retry_budget,
             hedge_after_s=args.hedge_after_ms / 1000.0,
+            eject_after_failures=args.eject_after_failures,
+            eject_base_s=args.eject_base_s,
             max_inflight=args.max_inflight,
             max_tensor_bytes=args.max_tensor_mb * MIB,
             wire_dtype=args.wire_dtype,

@@ -18,6 +18,7 @@ LATENCY = Histogram(
 )
 INFLIGHT = Gauge("shardmesh_inflight_requests", "Requests admitted and not finished", ["component"])
 FAILOVERS = Counter("shardmesh_failovers_total", "Hops retried on another replica", ["reason"])
+HEDGES = Counter("shardmesh_hedges_total", "Duplicate hop requests sent to a second replica")
 DISCOVERY_STALE = Gauge("shardmesh_discovery_stale", "1 while discovery serves a last-known table")
 ROUTE_COMPLETE = Gauge("shardmesh_route_complete", "1 while a complete route over all layers exists")
 

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--hop-timeout-ms", type=int, default=5000, help="deadline for one hop; a hung worker is detected by it")
     r.add_argument("--max-attempts", type=int, default=3, help="attempts per hop before the request fails")
     r.add_argument("--retry-budget", type=float, default=0.2, help="retries allowed as a share of active requests")
+    r.add_argument("--eject-after-failures", type=int, default=5,
+                   help="consecutive failures (errors or hop timeouts) that eject a worker from routing")
+    r.add_argument("--eject-base-s", type=float, default=30.0,
+                   help="first ejection time; each further ejection lasts longer; re-admitted after a passing health probe")
     r.add_argument("--hedge-after-ms", type=int, default=0, help="send a duplicate to a second replica after this (0 = off)")
     r.add_argument("--max-inflight", type=int, default=256, help="requests admitted at once; more get RESOURCE_EXHAUSTED")
     r.add_argument("--max-tensor-mb", type=int, default=256, help="largest tensor accepted from clients, in MiB")
