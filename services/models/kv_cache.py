@@ -1,0 +1,206 @@
+"""Per-session KV caches of one stage, under a byte budget and an idle TTL.
+
+A worker keeps one :class:`SessionCache` per generation session for its own layer range. Every step
+names the position it starts at; a step whose position is not the cache's length is refused with both
+numbers (Petals #587: a replacement server silently started at position 0). The router answers such a
+refusal by replaying the session's tokens from position 0 on a fresh session.
+
+Pure: time is passed in (``now``, seconds on any monotonic clock), bytes are measured from the cached
+tensors themselves, and nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from services.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+
+MIB = 1 << 20
+
+
+@dataclass(eq=False)
+class SessionCache:
+    """One session's cache for one stage: transformers' ``DynamicCache`` (local layer indices) + its length."""
+
+    session_id: str
+    ttl_s: float = 300.0
+    expires_at: float = float("inf")
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    position: int = 0  # tokens held = the position the next step must start at
+
+    def check_position(self, position: int) -> None:
+        """Refuses a step that does not continue exactly where the cache ends."""
+        if position != self.position:
+            raise FailedPrecondition(
+                f"session {self.session_id!r}: step starts at position {position} but the cache holds "
+                f"{self.position} tokens; replay the session from position 0 on a new session"
+            )
+
+    def advance(self, tokens: int) -> None:
+        self.position += tokens
+
+    def rollback(self, position: int) -> None:
+        """Drops whatever a failed step appended (to some layers or all), so every layer holds ``position`` tokens."""
+        for layer in self.cache.layers:
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor) and keys.dim() == 4 \
+                    and keys.shape[-2] > position:
+                layer.keys = keys[..., :position, :].clone()  # clone: a view would keep the longer storage alive
+                layer.values = values[..., :position, :].clone()
+        self.position = position
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the key and value tensors (their storage, so a cropped view counts in full)."""
+        return sum(_storage_bytes(t) for t in _cached_tensors(self.cache))
+
+
+class SessionCacheStore:
+    """The sessions of one stage; refuses new sessions or growth beyond ``budget_bytes``.
+
+    ``bytes_per_token`` (keys + values of all this stage's layers for one token) sizes the admission
+    checks before a step runs; what is used is always measured from the tensors.
+    """
+
+    def __init__(self, budget_bytes: int, bytes_per_token: int) -> None:
+        if budget_bytes <= 0 or bytes_per_token <= 0:
+            raise InvalidArgument(f"need a positive budget and bytes per token; got {budget_bytes}, {bytes_per_token}")
+        self.budget_bytes = budget_bytes
+        self.bytes_per_token = bytes_per_token
+        self._sessions: dict[str, SessionCache] = {}
+        self._lock = threading.Lock()  # steps run in worker threads; open/close/expire on the event loop
+
+    @property
+    def count(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def bytes_used(self) -> int:
+        with self._lock:
+            return sum(s.nbytes for s in self._sessions.values())
+
+    def open(self, session_id: str, ttl_s: float, now: float, *, reserve_tokens: int = 1) -> SessionCache:
+        """Starts an empty session. Re-opening an empty one is a no-op, so a retried open is harmless."""
+        if ttl_s <= 0:
+            raise InvalidArgument(f"session ttl must be positive; got {ttl_s}")
+        with self._lock:
+            existing = self._sessions.get(session_id)
+            if existing is not None:
+                if existing.position != 0:
+                    raise FailedPrecondition(
+                        f"session {session_id!r} is already open at position {existing.position}; close it first"
+                    )
+                existing.ttl_s, existing.expires_at = ttl_s, now + ttl_s
+                return existing
+            self._admit(reserve_tokens, f"a new session of {reserve_tokens} tokens")
+            session = SessionCache(session_id, ttl_s=ttl_s, expires_at=now + ttl_s)
+            self._sessions[session_id] = session
+            return session
+
+    def get(self, session_id: str, now: float) -> SessionCache:
+        """The live session (its idle timer restarts); NotFound once closed or expired."""
+        with self._lock:
+            return self._live(session_id, now)
+
+    def prepare_step(self, session_id: str, position: int, new_tokens: int, now: float) -> SessionCache:
+        """Everything a step checks before it runs: the session exists, the position, room for the growth."""
+        with self._lock:
+            session = self._live(session_id, now)
+            session.check_position(position)
+            self._admit(new_tokens, f"session {session_id!r} growing by {new_tokens} tokens")
+            return session
+
+    def close(self, session_id: str) -> bool:
+        """Frees the session's tensors; False if it was not open (closing twice is not an error)."""
+        with self._lock:
+            return self._sessions.pop(session_id, None) is not None
+
+    def expire(self, now: float) -> list[str]:
+        """Drops sessions idle past their TTL and returns their ids (call it periodically)."""
+        with self._lock:
+            expired = [sid for sid, s in self._sessions.items() if s.expires_at <= now]
+            for sid in expired:
+                del self._sessions[sid]
+            return expired
+
+    def __iter__(self) -> Iterator[SessionCache]:
+        with self._lock:
+            return iter(list(self._sessions.values()))
+
+    def _live(self, session_id: str, now: float) -> SessionCache:
+        session = self._sessions.get(session_id)
+        if session is not None and session.expires_at <= now:
+            del self._sessions[session_id]
+            raise NotFound(f"session {session_id!r} expired after {session.ttl_s:g} s idle; open a new session")
+        if session is None:
+            raise NotFound(f"unknown session {session_id!r} (never opened, closed, or expired); open a new session")
+        session.expires_at = now + session.ttl_s
+        return session
+
+    def _admit(self, tokens: int, what: str) -> None:
+        used = sum(s.nbytes for s in self._sessions.values())
+        needed = tokens * self.bytes_per_token
+        if used + needed > self.budget_bytes:
+            raise ResourceExhausted(
+                f"cache budget {_mib(self.budget_bytes)} full: {len(self._sessions)} sessions use {_mib(used)}; "
+                f"{what} needs {_mib(needed)} more; retry later, on another replica, or raise --cache-budget-mb"
+            )
+
+
+class LeftPaddedBatchCache:
+    """Decode-step adapter that lets transformers' attention run several sessions' caches as one batch.
+
+    Quacks like a ``Cache`` for ``LlamaAttention``: ``update`` appends row ``i``'s new key/value to session
+    ``i``'s own ``DynamicCache`` (so each cache ends exactly as after a solo step) and returns all rows
+    left-padded with zeros to one length. :meth:`attention_mask` hides the padding.
+    """
+
+    def __init__(self, sessions: list[SessionCache]) -> None:
+        self.sessions = sessions
+        self.lengths = [s.position + 1 for s in sessions]  # after this step's token
+        self.width = max(self.lengths)
+
+    def attention_mask(self) -> torch.Tensor:
+        """Boolean ``[batch, 1, 1, width]``: True where a row has a real (not padded) key."""
+        pad = torch.tensor([self.width - n for n in self.lengths]).unsqueeze(1)
+        return (torch.arange(self.width).unsqueeze(0) >= pad)[:, None, None, :]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, heads, _, head_dim = key_states.shape
+        keys = key_states.new_zeros(batch, heads, self.width, head_dim)
+        values = value_states.new_zeros(batch, heads, self.width, head_dim)
+        for row, session in enumerate(self.sessions):
+            row_keys, row_values = session.cache.update(
+                key_states[row : row + 1], value_states[row : row + 1], layer_idx
+            )
+            keys[row, :, self.width - row_keys.shape[-2] :] = row_keys[0]
+            values[row, :, self.width - row_values.shape[-2] :] = row_values[0]
+        return keys, values
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Keys + values of ``num_layers`` layers for one token."""
+    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def _cached_tensors(cache: DynamicCache) -> Iterator[torch.Tensor]:
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                yield tensor
+
+
+def _storage_bytes(tensor: torch.Tensor) -> int:
+    return int(tensor.untyped_storage().nbytes())
+
+
+def _mib(n: int) -> str:
+    value = n / MIB
+    return f"{value:.0f} MiB" if value >= 10 or value == int(value) else f"{value:.2f} MiB"
