@@ -86,6 +86,8 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None) -> int
     )
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core, config.max_inflight), lifecycle.server)
     await lifecycle.start(config.listen)
+    if config.health_listen:
+        await lifecycle.start_health_listener(config.health_listen)
     start_metrics(config.metrics_listen)
     await topology.start()
     prober = asyncio.create_task(probe_ejected(outliers, topology, pool), name="prober")

@@ -85,8 +85,18 @@ def build_request(
 class AsyncRouterClient:
     """One channel to a router; use as ``async with AsyncRouterClient(addr) as c: await c.infer(text=...)``."""
 
-    def __init__(self, address: str, *, tls_ca: str | Path | None = None) -> None:
-        tls = TlsFiles(ca=Path(tls_ca)) if tls_ca else None
+    def __init__(
+        self,
+        address: str,
+        *,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+    ) -> None:
+        tls = TlsFiles.from_flags(
+            str(tls_cert) if tls_cert else None, str(tls_key) if tls_key else None, str(tls_ca) if tls_ca else None
+        )
+        tls = tls if tls.enabled else None
         self.address = address
         self._channel = open_channel(address, tls)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
@@ -121,13 +131,13 @@ class AsyncRouterClient:
 class RouterClient:
     """Blocking client for scripts: each call runs on a private event loop."""
 
-    def __init__(self, address: str, *, tls_ca: str | Path | None = None) -> None:
+    def __init__(self, address: str, **tls: str | Path | None) -> None:
         self._loop = asyncio.new_event_loop()
-        self._client = self._loop.run_until_complete(self._make(address, tls_ca))
+        self._client = self._loop.run_until_complete(self._make(address, tls))
 
     @staticmethod
-    async def _make(address: str, tls_ca: str | Path | None) -> AsyncRouterClient:
-        return AsyncRouterClient(address, tls_ca=tls_ca)
+    async def _make(address: str, tls: dict[str, str | Path | None]) -> AsyncRouterClient:
+        return AsyncRouterClient(address, **tls)
 
     def infer(self, *, timeout_s: float = 60.0, **kwargs: object) -> InferResult:
         return self._loop.run_until_complete(self._client.infer(timeout_s=timeout_s, **kwargs))

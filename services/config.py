@@ -49,6 +49,7 @@ class WorkerConfig:
     tls: TlsFiles
     metrics_listen: str | None
     log_level: str
+    health_listen: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> WorkerConfig:
@@ -83,6 +84,7 @@ class WorkerConfig:
             tls=TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca),
             metrics_listen=args.metrics_listen,
             log_level=args.log_level,
+            health_listen=args.health_listen,
         )
 
     def resolved_worker_id(self, bound_address: str) -> str:
@@ -114,6 +116,7 @@ class RouterConfig:
     tls: TlsFiles
     metrics_listen: str | None
     log_level: str
+    health_listen: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -143,5 +146,6 @@ class RouterConfig:
             tls=TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca),
             metrics_listen=args.metrics_listen,
             log_level=args.log_level,
+            health_listen=args.health_listen,
             env=env,
         )

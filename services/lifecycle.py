@@ -28,14 +28,23 @@ LISTENING_PREFIX = "shardmesh-listening"
 class ServerLifecycle:
     """A grpc.aio server plus the standard health and reflection services."""
 
-    def __init__(self, component: str, service_names: Iterable[str], tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self,
+        component: str,
+        service_names: Iterable[str],
+        tls: TlsFiles | None = None,
+        max_concurrent_rpcs: int | None = None,
+    ) -> None:
         self.component = component
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        # Beyond this many concurrent RPCs gRPC answers RESOURCE_EXHAUSTED before a handler runs, so a flood of
+        # unary calls cannot queue unbounded request bodies in memory.
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs)
         self.health = health.aio.HealthServicer()
         self._service_names = tuple(service_names)
         self._tls = tls
         self._stop_requested = asyncio.Event()
         self.address = ""
+        self._health_server: grpc.aio.Server | None = None
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -61,6 +70,17 @@ class ServerLifecycle:
         sys.stdout.flush()
         return self.address
 
+    async def start_health_listener(self, listen: str) -> None:
+        """A plaintext listener with only grpc.health.v1, for kubelet gRPC probes when the main port uses TLS
+        (kubelet probes cannot speak TLS). It shares the health state of the main server."""
+        host, port = split_host_port(listen, what="--health-listen")
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if server.add_insecure_port(join_host_port(host, port)) == 0:
+            raise ConfigError(f"cannot listen on {listen} for health probes: the port is busy")
+        await server.start()
+        self._health_server = server
+
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self._service_names):
@@ -80,3 +100,5 @@ class ServerLifecycle:
     async def stop(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        if self._health_server is not None:
+            await self._health_server.stop(None)

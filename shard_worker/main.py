@@ -25,6 +25,7 @@ from services.transport.pool import PeerPool
 
 log = logging.getLogger("shardmesh.worker")
 
+RPC_HEADROOM = 32
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["ShardWorker"].full_name
 
 
@@ -40,11 +41,14 @@ async def serve(config: WorkerConfig) -> int:
     source = await asyncio.to_thread(resolve_model, config.model)
     config.span.check_within(source.total_layers, source.model_id)
 
-    lifecycle = ServerLifecycle("worker", [SERVICE_NAME], config.tls)
+    # Headroom above --max-inflight for health checks, Describe and long-lived streams.
+    lifecycle = ServerLifecycle("worker", [SERVICE_NAME], config.tls, max_concurrent_rpcs=config.max_inflight + RPC_HEADROOM)
     servicer = ShardWorkerServicer(config.max_inflight)
     worker_pb2_grpc.add_ShardWorkerServicer_to_server(servicer, lifecycle.server)
     lifecycle.install_signal_handlers()
     address = await lifecycle.start(config.listen, config.advertise)
+    if config.health_listen:
+        await lifecycle.start_health_listener(config.health_listen)
     worker_id = config.resolved_worker_id(address)
     log.info("worker %s listening on %s; loading %s layers %s", worker_id, address, source.model_id, config.span)
 

@@ -9,7 +9,7 @@ from services.client import RouterClient
 
 
 def run(args: argparse.Namespace) -> int:
-    with RouterClient(args.router, tls_ca=args.tls_ca) as client:
+    with RouterClient(args.router, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
         for text in args.text:
             result = client.infer(text=text, mode=args.mode, timeout_s=args.timeout_s)
             if args.json:

@@ -20,6 +20,8 @@ def _add_tls(p: argparse.ArgumentParser) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--health-listen", metavar="HOST:PORT",
+                   help="extra plaintext listener serving only grpc.health.v1 (for kubelet probes when TLS is on)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
 
 
@@ -90,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--mode", choices=["direct", "relay"], help="activation path (default: the router's)")
     i.add_argument("--timeout-s", type=float, default=60.0)
     i.add_argument("--tls-ca", metavar="FILE", help="PEM CA bundle to verify the router (enables TLS)")
+    i.add_argument("--tls-cert", metavar="FILE", help="client certificate, when the router requires mutual TLS")
+    i.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert")
     i.add_argument("text", nargs="+", metavar="TEXT")
 
     d = sub.add_parser("demo", help="start a local 3-worker mesh, compare with the single-process model, stop")

@@ -50,9 +50,15 @@ def is_converted(directory: Path) -> bool:
 
 
 def convert_smollm2(out_dir: Path, *, progress: Progress | None = None) -> Path:
-    """Writes SmolLM2 as a float32 safetensors model directory at ``out_dir`` unless it is already there."""
-    gguf = smollm2_gguf()
-    return ensure_converted(out_dir, lambda staging: _write_smollm2(gguf, staging, progress or _quiet), progress)
+    """Writes SmolLM2 as a float32 safetensors model directory at ``out_dir`` unless it is already there.
+
+    A converted directory is used as is: the GGUF package is needed only to convert.
+    """
+
+    def build(staging: Path) -> None:
+        _write_smollm2(smollm2_gguf(), staging, progress or _quiet)
+
+    return ensure_converted(out_dir, build, progress)
 
 
 def ensure_converted(target: Path, build: Callable[[Path], None], progress: Progress | None = None) -> Path:
@@ -107,7 +113,7 @@ def _write_smollm2(gguf: Path, directory: Path, say: Progress) -> None:
     say(f"dequantising {gguf.name} to float32 with transformers' GGUF loader")
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The weights are plain float32 now; only the GGUF bookkeeping would stop save_pretrained.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     say(f"writing model.safetensors ({model.num_parameters() / 1e6:.0f}M parameters, float32)")

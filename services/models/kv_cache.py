@@ -14,9 +14,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
@@ -47,17 +49,21 @@ class SessionCache:
     def rollback(self, position: int) -> None:
         """Drops whatever a failed step appended (to some layers or all), so every layer holds ``position`` tokens."""
         for layer in self.cache.layers:
-            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-            if isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor) and keys.dim() == 4 \
-                    and keys.shape[-2] > position:
-                layer.keys = keys[..., :position, :].clone()  # clone: a view would keep the longer storage alive
-                layer.values = values[..., :position, :].clone()
+            kv = _layer_kv(layer)
+            if kv is not None and kv[0].shape[-2] > position:
+                dynamic = cast(DynamicLayer, layer)  # the only kind with 4-D keys that a stage cache holds
+                dynamic.keys = kv[0][..., :position, :].clone()  # clone: a view keeps the longer storage alive
+                dynamic.values = kv[1][..., :position, :].clone()
         self.position = position
+
+    def layer_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values ``[1, kv_heads, position, head_dim]`` of each layer that holds any."""
+        return [kv for layer in self.cache.layers if (kv := _layer_kv(layer)) is not None]
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the key and value tensors (their storage, so a cropped view counts in full)."""
-        return sum(_storage_bytes(t) for t in _cached_tensors(self.cache))
+        return sum(_storage_bytes(k) + _storage_bytes(v) for k, v in self.layer_kv())
 
 
 class SessionCacheStore:
@@ -190,11 +196,12 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype:
     return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def _cached_tensors(cache: DynamicCache) -> Iterator[torch.Tensor]:
-    for layer in cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                yield tensor
+def _layer_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A cache layer's keys and values, or None before its first update (its tensors are then empty stubs)."""
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor) and keys.dim() == 4:
+        return keys, values
+    return None
 
 
 def _storage_bytes(tensor: torch.Tensor) -> int:

@@ -171,8 +171,10 @@ def test_tls_mounts_the_secret_and_passes_the_files(chart: Any) -> None:
         assert {"name": "tls", "mountPath": "/etc/shardmesh/tls", "readOnly": True} in container["volumeMounts"]
         args = parse_cli(container, f"{owner['metadata']['name']}-0")
         assert args.tls_ca == "/etc/shardmesh/tls/ca.crt"
-        if args.command != "infer":
-            assert (args.tls_cert, args.tls_key) == ("/etc/shardmesh/tls/tls.crt", "/etc/shardmesh/tls/tls.key")
+        # Servers present the certificate; the helm test pod presents it as its client certificate (mutual TLS).
+        assert (args.tls_cert, args.tls_key) == ("/etc/shardmesh/tls/tls.crt", "/etc/shardmesh/tls/tls.key")
+    assert "--tls-cert client.crt --tls-key client.key" in release.notes
+    assert "works only with" not in release.notes
 
 
 def test_tls_without_a_ca_is_server_tls_only(chart: Any) -> None:
@@ -180,6 +182,39 @@ def test_tls_without_a_ca_is_server_tls_only(chart: Any) -> None:
     for pod in _main_pods(release):
         args = parse_cli(pod["spec"]["containers"][0])
         assert args.tls_cert and args.tls_key and args.tls_ca is None
+    infer = parse_cli(release.test_pod["spec"]["containers"][0])
+    assert infer.tls_ca == "/etc/shardmesh/tls/ca.crt" and infer.tls_cert is None and infer.tls_key is None
+    assert "--tls-cert" not in release.notes
+
+
+def _probe_ports(container: dict[str, Any]) -> set[int]:
+    return {container[kind]["grpc"]["port"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+
+
+def test_without_tls_probes_call_the_grpc_port_and_no_health_listener_opens(chart: Any) -> None:
+    release = render(chart)
+    for pod, port in ((_router_pod(release), 50050), *((p, 50051) for p in _worker_pods(release))):
+        container = pod["spec"]["containers"][0]
+        assert parse_cli(container).health_listen is None
+        assert "health" not in {p["name"] for p in container["ports"]}
+        assert _probe_ports(container) == {port}
+
+
+def test_with_tls_probes_call_the_plaintext_health_listener(chart: Any) -> None:
+    release = render(chart, {"tls": {"enabled": True, "secretName": "sm-tls"}})
+    for pod, port in ((_router_pod(release), 50053), *((p, 50052) for p in _worker_pods(release))):
+        container = pod["spec"]["containers"][0]
+        assert parse_cli(container).health_listen == f"0.0.0.0:{port}"
+        assert {"name": "health", "containerPort": port, "protocol": "TCP"} in container["ports"]
+        assert _probe_ports(container) == {port}
+        assert all(container[k]["grpc"]["service"] == "" for k in ("startupProbe", "readinessProbe", "livenessProbe"))
+    custom = render(chart, {"tls": {"enabled": True, "secretName": "sm-tls"}, "router": {"healthPort": 7000},
+                            "worker": {"healthPort": 7001}})
+    router = _router_pod(custom)["spec"]["containers"][0]
+    assert parse_cli(router).health_listen == "0.0.0.0:7000" and _probe_ports(router) == {7000}
+    for pod in _worker_pods(custom):
+        worker = pod["spec"]["containers"][0]
+        assert parse_cli(worker).health_listen == "0.0.0.0:7001" and _probe_ports(worker) == {7001}
 
 
 # ---------- NetworkPolicy ----------
@@ -233,6 +268,14 @@ def test_version_label_and_image_follow_app_version(chart: Any) -> None:
     assert _router_pod(release)["spec"]["containers"][0]["image"] == f"shardmesh:{app_version}"
     pinned = render(chart, {"image": {"repository": "reg.example/shardmesh", "tag": "abc"}})
     assert {c["image"] for _, _, s in pod_templates(pinned) for c in s["containers"]} == {"reg.example/shardmesh:abc"}
+
+
+def test_router_ejection_flags_only_when_set(chart: Any) -> None:
+    args = _router_pod(render(chart))["spec"]["containers"][0]["args"]
+    assert "--eject-after-failures" not in args and "--eject-base-s" not in args
+    router = _router_pod(render(chart, {"router": {"ejectAfterFailures": 2, "ejectBaseS": 12.5}}))["spec"]["containers"][0]
+    parsed = parse_cli(router)
+    assert (parsed.eject_after_failures, parsed.eject_base_s) == (2, 12.5)
 
 
 def test_whole_numbers_render_as_integers(chart: Any) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from services.cli.parser import build_parser
 from services.discovery.static import parse_addresses
 from services.discovery.url import parse_discovery
 from services.layers import LayerSpan
@@ -64,6 +65,11 @@ CASES: dict[str, dict[str, Any]] = {
     },
     "tls-mutual": {"tls": {"enabled": True, "secretName": "shardmesh-tls"}},
     "tls-server-only": {"tls": {"enabled": True, "secretName": "shardmesh-tls", "mutual": False}},
+    "tls-custom-health-ports": {
+        "tls": {"enabled": True, "secretName": "shardmesh-tls"},
+        "router": {"healthPort": 8081},
+        "worker": {"healthPort": 8082},
+    },
     "network-policy": {
         "networkPolicy": {"enabled": True, "clients": [{"namespaceSelector": {"matchLabels": {"team": "search"}}}]},
     },
@@ -77,7 +83,8 @@ CASES: dict[str, dict[str, Any]] = {
         "networkPolicy": {"enabled": True},
         "consul": {"address": "consul-server.consul.svc:8500", "registration": "connect-inject"},
         "router": {"replicas": 3, "mode": "relay", "requestTimeoutS": 12.5, "hopTimeoutMs": 800, "maxAttempts": 4,
-                   "retryBudget": 0.1, "hedgeAfterMs": 50, "maxInflight": 1000000, "maxTensorMb": 64,
+                   "retryBudget": 0.1, "hedgeAfterMs": 50, "ejectAfterFailures": 2, "ejectBaseS": 7.5,
+                   "maxInflight": 1000000, "maxTensorMb": 64,
                    "wireDtype": "bfloat16", "model": SMOLLM2_DIR},
         "worker": {"maxInflight": 32, "maxTensorMb": 128, "threads": 4, "wireDtype": "float16", "cacheBudgetMb": 2048,
                    "sessionTtlS": 120, "graceS": 20, "terminationGracePeriodSeconds": 40},
@@ -184,23 +191,46 @@ def test_one_statefulset_per_shard_group(release: Release) -> None:
         assert worker["resources"] == expected
 
 
-def test_probes_use_grpc_health_on_the_grpc_port(release: Release) -> None:
-    tls = release.values["tls"]["enabled"]
+def test_probes_use_grpc_health(release: Release) -> None:
+    """Native gRPC probes everywhere: on the gRPC port, or with TLS (which the kubelet's probe cannot speak) on the
+    plaintext health-only listener that --health-listen opens on the `health` container port."""
+    values = release.values
+    tls = values["tls"]["enabled"]
     for owner, _, spec in pod_templates(release):
         if owner["kind"] == "Pod":
             continue
         main = spec["containers"][0]
-        grpc_port = container_port(main, "grpc")
+        cfg = values["router" if owner["kind"] == "Deployment" else "worker"]
+        args = parse_cli(main, f"{owner['metadata']['name']}-0")
+        port_names = {p["name"] for p in main["ports"]}
+        if tls:
+            health_port = container_port(main, "health")
+            assert health_port == cfg["healthPort"]
+            assert health_port not in (container_port(main, "grpc"), container_port(main, "metrics"))
+            assert args.health_listen == f"0.0.0.0:{health_port}"
+            probe_port = health_port
+        else:
+            assert "health" not in port_names and args.health_listen is None
+            probe_port = container_port(main, "grpc")
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = main[kind]
-            if tls:
-                # The kubelet's gRPC probe cannot speak TLS.
-                assert probe["tcpSocket"] == {"port": "grpc"} and "grpc" not in probe
-            else:
-                assert probe["grpc"] == {"port": grpc_port, "service": ""}, f"{owner['metadata']['name']} {kind}"
+            assert probe["grpc"] == {"port": probe_port, "service": ""}, f"{owner['metadata']['name']} {kind}"
+            assert not {"tcpSocket", "httpGet", "exec"} & set(probe), f"{owner['metadata']['name']} {kind}"
+            for key, value in cfg[kind].items():
+                assert probe[key] == value
         if owner["kind"] == "StatefulSet":
             startup = main["startupProbe"]
             assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "start-up probe too short for model loading"
+
+
+def test_health_port_is_for_the_kubelet_only(release: Release) -> None:
+    """No Service exposes the plaintext health port, and no NetworkPolicy rule opens it to pods: the kubelet's
+    probes come from the pod's node, which NetworkPolicy always allows."""
+    for svc in release.of_kind("Service"):
+        assert all(p["targetPort"] != "health" and p["name"] != "health" for p in svc["spec"]["ports"])
+    for policy in release.of_kind("NetworkPolicy"):
+        for rule in policy["spec"]["ingress"]:
+            assert all(p["port"] != "health" for p in rule.get("ports", []))
 
 
 def test_pods_are_locked_down(release: Release) -> None:
@@ -292,6 +322,12 @@ def test_router_flags_match_the_release(release: Release) -> None:
         ]
         assert list(parse_addresses(args.workers)) == expected
     assert release.router["spec"]["replicas"] == values["router"]["replicas"]
+    # Optional flags: rendered only when set, else the CLI default applies.
+    defaults = build_parser().parse_args(["router", "--workers", "x:1"])
+    for key, attr in (("ejectAfterFailures", "eject_after_failures"), ("ejectBaseS", "eject_base_s")):
+        expected = values["router"].get(key)  # null defaults drop out of the merged values
+        assert getattr(args, attr) == (getattr(defaults, attr) if expected is None else expected)
+        assert ("--" + attr.replace("_", "-") in router["args"]) is (expected is not None)
 
 
 def test_helm_test_pod_calls_the_router(release: Release) -> None:
@@ -304,7 +340,13 @@ def test_helm_test_pod_calls_the_router(release: Release) -> None:
     assert args.command == "infer"
     assert args.router == f"{router_svc['metadata']['name']}:{grpc['port']}"
     assert args.text == [release.values["test"]["text"]]
-    assert bool(args.tls_ca) == release.values["tls"]["enabled"]
+    tls = release.values["tls"]
+    assert bool(args.tls_ca) == tls["enabled"]
+    # With mutual TLS the router demands a client certificate: the pod presents the release's own.
+    mutual = tls["enabled"] and tls["mutual"]
+    assert bool(args.tls_cert) == bool(args.tls_key) == mutual
+    if mutual:
+        assert (args.tls_cert, args.tls_key) == (f"{tls['mountPath']}/tls.crt", f"{tls['mountPath']}/tls.key")
 
 
 def test_notes_tell_how_to_call_the_router(release: Release) -> None:
@@ -312,3 +354,6 @@ def test_notes_tell_how_to_call_the_router(release: Release) -> None:
     assert f"port-forward service/{RELEASE}-shardmesh-router {port}:{port}" in release.notes
     assert f"shardmesh infer --router 127.0.0.1:{port}" in release.notes
     assert f"helm test {RELEASE}" in release.notes
+    tls = release.values["tls"]
+    assert ("--tls-ca ca.crt" in release.notes) is tls["enabled"]
+    assert ("--tls-cert client.crt --tls-key client.key" in release.notes) is (tls["enabled"] and tls["mutual"])

@@ -82,11 +82,15 @@ def _shards(**entry: Any) -> dict[str, Any]:
         ({"weights": {"source": "s3"}}, ["/weights/source"]),
         ({"consul": {"registration": "sidecar"}}, ["/consul/registration"]),
         ({"consul": {"address": "http://consul:8500"}}, ["/consul/address", "does not match pattern"]),
+        ({"router": {"ejectAfterFailures": 0}}, ["/router/ejectAfterFailures", "minimum"]),
+        ({"router": {"ejectBaseS": 0}}, ["/router/ejectBaseS"]),
+        ({"worker": {"healthPort": 70000}}, ["/worker/healthPort", "maximum"]),
     ],
     ids=[
         "replicas-0", "unknown-shard-key", "layers-dash", "layers-letters", "layers-negative", "bad-group-name",
         "no-shards", "router-replicas-0", "bad-mode", "bad-dtype", "unknown-top-level-key", "unknown-router-key",
-        "bad-weights-source", "bad-registration", "consul-address-url",
+        "bad-weights-source", "bad-registration", "consul-address-url", "eject-after-0", "eject-base-0",
+        "health-port-too-big",
     ],
 )
 def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], expected: list[str]) -> None:
@@ -115,9 +119,15 @@ def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], expected:
         ({"worker": {"graceS": 30}}, "worker.graceS (30 s) must be shorter than worker.terminationGracePeriodSeconds (30 s)"),
         ({"consul": {"enabled": True}}, "consul.registration=agent needs Consul client agents"),
         ({"consul": {"enabled": True, "registration": "catalog-sync"}}, "set consul.syncCatalog.enabled=true"),
+        (
+            {"tls": {"enabled": True, "secretName": "t"}, "worker": {"healthPort": 50051}},
+            "worker.port and worker.healthPort are both 50051: each listener of the worker needs its own port",
+        ),
+        ({"router": {"metricsPort": 50050}}, "router.port and router.metricsPort are both 50050"),
     ],
     ids=["layers-5:3", "layers-empty", "duplicate-group", "name-too-long", "pvc-without-claim", "init-model-not-under-mount",
-         "tls-without-secret", "grace-longer-than-termination", "consul-agent-without-clients", "catalog-sync-without-sync"],
+         "tls-without-secret", "grace-longer-than-termination", "consul-agent-without-clients", "catalog-sync-without-sync",
+         "health-port-clash", "metrics-port-clash"],
 )
 def test_template_checks_what_the_schema_cannot(chart: Any, values: dict[str, Any], expected: str) -> None:
     chart.validate_schema(chart.merge_values(values))  # well-formed as far as JSON schema can tell ...

@@ -141,6 +141,21 @@ helm.sh/chart: {{ include "shardmesh.chart" .ctx }}
 {{- fail (printf "%s.graceS (%v s) must be shorter than %s.terminationGracePeriodSeconds (%v s), or the kubelet kills the pod before in-flight requests finish" $component $cfg.graceS $component $cfg.terminationGracePeriodSeconds) -}}
 {{- end -}}
 {{- end -}}
+{{- range $component := list "router" "worker" -}}
+{{- $cfg := index $.Values $component -}}
+{{- $ports := dict -}}
+{{- $named := list (list "port" $cfg.port) (list "metricsPort" $cfg.metricsPort) -}}
+{{- if $.Values.tls.enabled -}}
+{{- $named = append $named (list "healthPort" $cfg.healthPort) -}}
+{{- end -}}
+{{- range $named -}}
+{{- $key := toString (int (index . 1)) -}}
+{{- if hasKey $ports $key -}}
+{{- fail (printf "%s.%s and %s.%s are both %s: each listener of the %s needs its own port" $component (get $ports $key) $component (index . 0) $key $component) -}}
+{{- end -}}
+{{- $_ := set $ports $key (index . 0) -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.tls.enabled (not .Values.tls.secretName) -}}
 {{- fail "tls.enabled: set tls.secretName to a Secret with tls.crt, tls.key and ca.crt" -}}
 {{- end -}}
@@ -201,21 +216,39 @@ helm.sh/chart: {{ include "shardmesh.chart" .ctx }}
 {{- end -}}
 
 {{/*
-Probes. Native gRPC probes on grpc.health.v1 (service ""), which reports NOT_SERVING until the weights are loaded.
-The kubelet's gRPC probe cannot speak TLS, so with tls.enabled the probes fall back to a TCP check of the port.
-Call with (dict "ctx" $ "port" 50051 "cfg" .Values.worker).
+Probes: native gRPC probes of grpc.health.v1 (service ""), which reports NOT_SERVING until the process is ready.
+The kubelet's gRPC probe cannot speak TLS, so with tls.enabled they call the plaintext health-only listener
+(--health-listen, container port "health", see shardmesh.healthListenArgs) instead of the gRPC port.
+Call with (dict "ctx" $ "cfg" .Values.worker); cfg provides port, healthPort and the probe settings.
 */}}
-{{- define "shardmesh.probes" -}}
-{{- $action := dict "grpc" (dict "port" (int .port) "service" "") -}}
-{{- if .ctx.Values.tls.enabled -}}
-{{- $action = dict "tcpSocket" (dict "port" "grpc") -}}
+{{- define "shardmesh.probePort" -}}
+{{- if .ctx.Values.tls.enabled -}}{{ int .cfg.healthPort }}{{- else -}}{{ int .cfg.port }}{{- end -}}
 {{- end -}}
+
+{{- define "shardmesh.probes" -}}
+{{- $action := dict "grpc" (dict "port" (include "shardmesh.probePort" . | int) "service" "") -}}
 startupProbe:
 {{- toYaml (merge (deepCopy $action) .cfg.startupProbe) | nindent 2 }}
 readinessProbe:
 {{- toYaml (merge (deepCopy $action) .cfg.readinessProbe) | nindent 2 }}
 livenessProbe:
 {{- toYaml (merge (deepCopy $action) .cfg.livenessProbe) | nindent 2 }}
+{{- end -}}
+
+{{/* With tls.enabled: --health-listen on cfg.healthPort. Call with (dict "ctx" $ "cfg" .Values.router). */}}
+{{- define "shardmesh.healthListenArgs" -}}
+{{- if .ctx.Values.tls.enabled -}}
+{{- toYaml (list "--health-listen" (printf "0.0.0.0:%d" (int .cfg.healthPort))) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* With tls.enabled: the "health" container port. Call with (dict "ctx" $ "cfg" .Values.router). */}}
+{{- define "shardmesh.healthContainerPort" -}}
+{{- if .ctx.Values.tls.enabled -}}
+- name: health
+  containerPort: {{ .cfg.healthPort }}
+  protocol: TCP
+{{- end -}}
 {{- end -}}
 
 {{/* Volume mounts shared by router, worker and the weights init container. */}}

@@ -1,0 +1,115 @@
+"""What to measure: workloads (model, input shape, split) and the plan for one run. Pure: no torch.
+
+The plan is built once in :func:`services.bench.main.run` from the parsed flags and an injected
+environment mapping, then passed down; nothing here reads ``os.environ`` itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from services.bench.records import SYSTEM_TORCH_RPC, SYSTEM_TORCH_RPC_SHM
+from services.errors import ConfigError
+
+# Env override for the torch intra-op threads of every mesh worker and rpc stage (the bench CLI has no
+# flag for it yet). 1 is the default: on a 2-core machine three stage processes plus router and client
+# oversubscribe the cores as soon as two stages compute at once (concurrency > 1).
+WORKER_THREADS_ENV = "SHARDMESH_BENCH_WORKER_THREADS"
+DEFAULT_WORKER_THREADS = 1
+DEFAULT_CONCURRENCY = "1,8"
+QUICK_CONCURRENCY = (1, 2)
+START_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One model, one input shape and one split; every system runs exactly this."""
+
+    model: str
+    batch: int
+    seq_len: int
+    split: tuple[str, ...]  # "START:END" per stage, contiguous
+    requests: int  # measured requests per (system, concurrency); at least the concurrency
+    warmup: int  # unmeasured requests per system before measuring
+    request_timeout_s: float  # deadline of one request end to end
+    seed: int = 1234
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.batch}x{self.seq_len}"
+
+    def requests_at(self, concurrency: int) -> int:
+        """Every concurrent client sends at least one request, so a level is really exercised."""
+        return max(self.requests, concurrency)
+
+
+MINILM = Workload(
+    model="minilm", batch=1, seq_len=128, split=("0:2", "2:4", "4:6"), requests=100, warmup=5, request_timeout_s=60.0
+)
+# 16 x 256 tokens x hidden 512 x 4 B = 8 MiB per activation: the large-activation case. 16 x 256 rather
+# than 4 x 1024 because it has the same activation size with less attention compute (~4 s per request
+# on 2 cores instead of ~4.5-6.5 s), so more requests fit into one run.
+LLAMA_WIDE = Workload(
+    model="tiny-llama-wide",
+    batch=16,
+    seq_len=256,
+    split=("0:3", "3:6", "6:8"),
+    requests=16,
+    warmup=2,
+    request_timeout_s=600.0,
+)
+QUICK = Workload(
+    model="minilm", batch=1, seq_len=16, split=("0:2", "2:4", "4:6"), requests=6, warmup=2, request_timeout_s=60.0
+)
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    workloads: tuple[Workload, ...]
+    concurrency: tuple[int, ...]
+    worker_threads: int  # torch intra-op threads in each mesh worker and each rpc stage
+    single_threads: tuple[int, ...]  # candidate settings; the single-process reference uses the fastest
+    rpc_systems: tuple[str, ...] = (SYSTEM_TORCH_RPC,)  # which torch.distributed.rpc variants to run
+    start_timeout_s: float = START_TIMEOUT_S
+    quick: bool = False
+
+
+def parse_concurrency(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"--concurrency: expected comma-separated integers like 1,8, got {text!r}") from None
+    if not levels or any(level < 1 for level in levels):
+        raise ConfigError(f"--concurrency: levels must be integers >= 1, got {text!r}")
+    return tuple(dict.fromkeys(levels))  # keep order, drop repeats
+
+
+def _worker_threads(environ: Mapping[str, str]) -> int:
+    raw = environ.get(WORKER_THREADS_ENV, "")
+    if not raw:
+        return DEFAULT_WORKER_THREADS
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"${WORKER_THREADS_ENV}: expected an integer >= 1, got {raw!r}")
+    return int(raw)
+
+
+def build_plan(
+    *, quick: bool, requests: int, concurrency: str, cpu_count: int, environ: Mapping[str, str]
+) -> BenchPlan:
+    """The run's plan. ``--quick`` uses a short minilm input and concurrency 1,2 (unless levels are given)."""
+    if requests < 0:
+        raise ConfigError(f"--requests: expected an integer >= 0 (0 = suite default), got {requests}")
+    workloads = (QUICK,) if quick else (MINILM, LLAMA_WIDE)
+    if requests:
+        workloads = tuple(replace(w, requests=requests) for w in workloads)
+    levels = QUICK_CONCURRENCY if quick and concurrency == DEFAULT_CONCURRENCY else parse_concurrency(concurrency)
+    return BenchPlan(
+        workloads=workloads,
+        concurrency=levels,
+        worker_threads=_worker_threads(environ),
+        single_threads=tuple(sorted({1, max(1, cpu_count)})),
+        # The shm variant only in full runs: it is the slower one to run on 2 cores and adds ~40 s per workload.
+        rpc_systems=(SYSTEM_TORCH_RPC,) if quick else (SYSTEM_TORCH_RPC, SYSTEM_TORCH_RPC_SHM),
+        quick=quick,
+    )

@@ -1,0 +1,83 @@
+"""A flood of concurrent requests is shed with RESOURCE_EXHAUSTED and the worker's memory stays bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import psutil
+import pytest
+import torch
+
+from services.gen.shardmesh.v1 import worker_pb2, worker_pb2_grpc
+from services.wire import codec
+from tests.procs import start_worker, wait_serving
+
+pytestmark = [pytest.mark.integration]
+
+MIB = 1024 * 1024
+
+
+async def _sample_rss(pid: int, stop: asyncio.Event, peak: list[int]) -> None:
+    proc = psutil.Process(pid)
+    while not stop.is_set():
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        await asyncio.sleep(0.02)
+
+
+async def test_flood_is_shed_and_memory_bounded() -> None:
+    proc, address = start_worker("minilm", "2:4", "--max-inflight", "4")
+    try:
+        wait_serving(address)
+        hidden = codec.encode(torch.randn(1, 680, 384))  # about 1 MiB per request
+        baseline = psutil.Process(proc.pid).memory_info().rss
+        peak = [baseline]
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(_sample_rss(proc.pid, stop, peak))
+        codes: dict[grpc.StatusCode, int] = {}
+        async with grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", 64 * MIB)]) as channel:
+            stub = worker_pb2_grpc.ShardWorkerStub(channel)
+
+            async def one(i: int) -> None:
+                try:
+                    await stub.Forward(worker_pb2.ForwardRequest(request_id=str(i), input=hidden), timeout=60)
+                    code = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                codes[code] = codes.get(code, 0) + 1
+
+            # 400 requests of 1 MiB at once: 400 MiB if anything queued them all.
+            await asyncio.gather(*(one(i) for i in range(400)))
+            stop.set()
+            await sampler
+            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+            assert codes.get(grpc.StatusCode.RESOURCE_EXHAUSTED, 0) > 0 and codes.get(grpc.StatusCode.OK, 0) >= 4
+            growth = (peak[0] - baseline) / MIB
+            assert growth < 150, f"worker RSS grew by {growth:.0f} MiB under the flood"
+            # Still serving afterwards.
+            reply = await stub.Forward(worker_pb2.ForwardRequest(request_id="after", input=hidden), timeout=30)
+            assert list(reply.output.shape) == [1, 680, 384]
+
+            # The same flood on one stream: the worker reads only as many requests as it can admit.
+            call = stub.ForwardStream()
+            peak[0] = psutil.Process(proc.pid).memory_info().rss
+            base_stream = peak[0]
+            stop = asyncio.Event()
+            sampler = asyncio.create_task(_sample_rss(proc.pid, stop, peak))
+
+            async def writer() -> None:
+                for i in range(200):
+                    await call.write(worker_pb2.ForwardRequest(request_id=f"s{i}", input=hidden))
+                await call.done_writing()
+
+            writing = asyncio.create_task(writer())
+            replies = [r async for r in call]
+            await writing
+            stop.set()
+            await sampler
+            assert len(replies) == 200 and all(not r.HasField("error") for r in replies)
+            growth = (peak[0] - base_stream) / MIB
+            assert growth < 150, f"worker RSS grew by {growth:.0f} MiB under a stream flood"
+    finally:
+        assert proc.stop() == 0
