@@ -10,6 +10,7 @@ from services.errors import FailedPrecondition, ResourceExhausted
 from services.gen.shardmesh.v1 import router_pb2, tensor_pb2
 from services.models.registry import load_tokenizer, resolve_model
 from services.telemetry import INFLIGHT
+from services.wire import codec
 from router.inputs import TokenizerCache, request_inputs
 from router.pipeline import Pipeline
 from router.topology import Topology
@@ -70,7 +71,7 @@ class RouterCore:
         result = await self.pipeline.run(request_id, ids, mask, deadline, relay=mode == tensor_pb2.MODE_RELAY)
         response = router_pb2.InferResponse(
             request_id=request_id,
-            output=result.output,
+            output=codec.encode(result.output),
             mode=mode,  # type: ignore[arg-type]
             total_ms=1000 * (time.monotonic() - started),
             attempts=result.attempts,

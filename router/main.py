@@ -14,6 +14,7 @@ from services.discovery.url import build_discovery, parse_discovery
 from services.gen.shardmesh.v1 import router_pb2, router_pb2_grpc
 from services.lifecycle import ServerLifecycle
 from services.telemetry import setup_logging, start_metrics
+from services.wire import codec
 from router.core import RouterCore
 from router.peers import WorkerPool
 from router.pipeline import Pipeline, PipelineSettings
@@ -70,7 +71,9 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None) -> int
         topology,
         pool,
         PipelineSettings(
-            hop_timeout_s=config.hop_timeout_s, max_attempts=config.max_attempts, hedge_after_s=config.hedge_after_s
+            hop_timeout_s=config.hop_timeout_s, max_attempts=config.max_attempts, hedge_after_s=config.hedge_after_s,
+            use_shm=config.use_shm,
+            wire_dtype=codec.wire_dtype(codec.dtype_from_name(config.wire_dtype)) if config.wire_dtype != "float32" else 0,
         ),
         outliers,
         RetryBudget(ratio=config.retry_budget),

@@ -12,12 +12,15 @@ import asyncio
 import logging
 import random
 import time
+
+import torch
 from dataclasses import dataclass, field
 
 from services.errors import DeadlineExceeded, ResourceExhausted, ShardmeshError, Unavailable
 from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
 from services.telemetry import FAILOVERS, HEDGES
 from services.transport.stream_client import downstream_budget
+from services.wire import codec, placement, shm
 from router.peers import WorkerPool
 from router.planning.balancer import ReplicaStats, choose_replica
 from router.planning.outlier import OutlierDetector
@@ -37,11 +40,13 @@ class PipelineSettings:
     hop_timeout_s: float
     max_attempts: int  # per hop
     hedge_after_s: float = 0.0  # 0 = no hedging
+    wire_dtype: int = 0  # tensor_pb2.DType for activations workers send; 0 = each worker's --wire-dtype
+    use_shm: bool = True  # shared memory for large activations to co-located workers
 
 
 @dataclass
 class PipelineResult:
-    output: tensor_pb2.Tensor
+    output: torch.Tensor
     hops: list[tensor_pb2.HopRecord] = field(default_factory=list)
     attempts: int = 1
 
@@ -92,9 +97,9 @@ class Pipeline:
         self._budget.record_request(now)
         plan = self._topology.plan(excluded=self.outliers.ejected(now))
         checksum, total = plan.checksum, plan.total_layers
-        result = PipelineResult(output=ids)
+        stage_input = codec.decode(ids, field="input", max_bytes=ids_limit(ids))
+        result = PipelineResult(output=stage_input)
         layer = 0
-        stage_input = ids
         failed: set[str] = set()  # workers that failed this request: not tried again for it
         attempts: dict[int, int] = {}  # failed attempts per starting layer
         last_error: tuple[ShardmeshError, WorkerInfo] | None = None
@@ -124,7 +129,7 @@ class Pipeline:
                 if partial is not None and partial.error.HasField("pending_input") and worker is not chosen[0]:
                     # Relay: stages before the failed hop completed; resume from the failed hop's input.
                     result.hops.extend(partial.hops)
-                    stage_input = partial.error.pending_input
+                    stage_input = await _unpack(partial.error.pending_input, "pending_input")
                     layer = worker.span.start
                 last_error = (exc, worker)
                 failed.add(worker.worker_id)
@@ -143,7 +148,7 @@ class Pipeline:
                 self.outliers.record_success(worker.worker_id, time.monotonic())
             response.hops[len(response.hops) - len(chosen)].hop_ms = hop_ms
             result.hops.extend(response.hops[len(response.hops) - len(chosen):])
-            stage_input = response.output
+            stage_input = await _unpack(response.output, "output")
             layer = chosen[-1].span.end
         result.output = stage_input
         return result
@@ -158,7 +163,7 @@ class Pipeline:
         primary: WorkerInfo,
         spare: list[WorkerInfo],
         call_id: str,
-        stage_input: tensor_pb2.Tensor,
+        stage_input: torch.Tensor,
         mask: tensor_pb2.Tensor | None,
         checksum: str,
         deadline: float,
@@ -197,7 +202,7 @@ class Pipeline:
         self,
         chosen: list[WorkerInfo],
         call_id: str,
-        stage_input: tensor_pb2.Tensor,
+        stage_input: torch.Tensor,
         mask: tensor_pb2.Tensor | None,
         checksum: str,
         deadline: float,
@@ -206,9 +211,12 @@ class Pipeline:
         remaining = deadline - time.monotonic()
         # A relayed call covers several hops: allow the hop timeout for each of them.
         timeout = min(self._settings.hop_timeout_s * len(chosen), remaining)
+        colocated = self._settings.use_shm and shm.is_colocated(first.address)
         request = worker_pb2.ForwardRequest(
             request_id=call_id,
-            input=stage_input,
+            input=await _pack(stage_input, colocated),
+            reply_shm=colocated,
+            reply_dtype=self._settings.wire_dtype,
             layers=tensor_pb2.LayerRange(start=first.span.start, end=first.span.end),
             model_checksum=checksum,
             timeout_ms=max(1, int(downstream_budget(timeout) * 1000)),
@@ -229,12 +237,35 @@ class Pipeline:
         started = time.monotonic()
         try:
             response = await self._pool.stream_to(first).call(request, timeout)
+        except BaseException:
+            placement.release(request.input)  # never read by the failed peer (no-op when inline or consumed)
+            raise
         finally:
             for st in stats:
                 st.finish()
         elapsed = time.monotonic() - started
         self._stats(first.worker_id).observe(elapsed, time.monotonic())
         return response, elapsed * 1000
+
+
+_OFF_LOOP_BYTES = 1 << 20  # (de)serialising more than this runs in a thread, not on the event loop
+
+
+def ids_limit(msg: tensor_pb2.Tensor) -> int:
+    return max(len(msg.data), 1)
+
+
+async def _pack(tensor: torch.Tensor, colocated: bool) -> tensor_pb2.Tensor:
+    if tensor.numel() * tensor.element_size() >= _OFF_LOOP_BYTES:
+        return await asyncio.to_thread(placement.pack, tensor, colocated=colocated)
+    return placement.pack(tensor, colocated=colocated)
+
+
+async def _unpack(msg: tensor_pb2.Tensor, field: str) -> torch.Tensor:
+    """Stage outputs come from workers the router trusts with its plan; shm segments are read off the loop."""
+    if msg.shm_handle:
+        return await asyncio.to_thread(placement.unpack, msg, field=field, max_bytes=1 << 40)
+    return placement.unpack(msg, field=field, max_bytes=1 << 40)
 
 
 def _name_hop(exc: ShardmeshError, worker: WorkerInfo, also: str = "") -> ShardmeshError:

@@ -43,6 +43,7 @@ class WorkerConfig:
     grace_s: float
     threads: int
     wire_dtype: str
+    use_shm: bool
     cache_budget_bytes: int
     session_ttl_s: float
     consul: ConsulRegistration | None
@@ -78,6 +79,7 @@ class WorkerConfig:
             grace_s=args.grace_s,
             threads=args.threads,
             wire_dtype=args.wire_dtype,
+            use_shm=not args.no_shm,
             cache_budget_bytes=args.cache_budget_mb * MIB,
             session_ttl_s=args.session_ttl_s,
             consul=consul,
@@ -112,6 +114,7 @@ class RouterConfig:
     max_inflight: int
     max_tensor_bytes: int
     wire_dtype: str
+    use_shm: bool
     grace_s: float
     tls: TlsFiles
     metrics_listen: str | None
@@ -142,6 +145,7 @@ class RouterConfig:
             max_inflight=args.max_inflight,
             max_tensor_bytes=args.max_tensor_mb * MIB,
             wire_dtype=args.wire_dtype,
+            use_shm=not args.no_shm,
             grace_s=args.grace_s,
             tls=TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca),
             metrics_listen=args.metrics_listen,

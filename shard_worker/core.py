@@ -13,7 +13,8 @@ import torch
 from services.errors import DeadlineExceeded, FailedPrecondition
 from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
 from services.models.base import ModelSource, StageModel
-from services.wire import codec
+from services.wire import codec, placement
+from services.wire.shm import is_colocated
 from shard_worker.engine import StageEngine
 from shard_worker.inputs import InputLimits, check_plan, decode_input
 from shard_worker.relay import Relay
@@ -30,6 +31,7 @@ class WorkerCore:
         address: str,
         wire_dtype: torch.dtype = torch.float32,
         relay: Relay | None = None,
+        use_shm: bool = True,
     ) -> None:
         self.stage = stage
         self.engine = engine
@@ -37,6 +39,7 @@ class WorkerCore:
         self.address = address
         self.wire_dtype = wire_dtype
         self.relay = relay
+        self.use_shm = use_shm
         self.active = 0
 
     @property
@@ -72,16 +75,22 @@ class WorkerCore:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded(f"deadline exceeded before hop {self.worker_id} started", failed_worker_id=self.worker_id)
         inputs = decode_input(request, self.stage, self.limits)
-        stage, wire_dtype = self.stage, self.wire_dtype
+        stage = self.stage
+        wire_dtype = codec.dtype_from_wire(request.reply_dtype) if request.reply_dtype else self.wire_dtype
+        # The receiver is the next worker (relay) or the caller; large outputs to a co-located one go by shm.
+        colocated = self.use_shm and (
+            is_colocated(request.downstream[0].address) if request.downstream else request.reply_shm
+        )
 
-        def job() -> tensor_pb2.Tensor:
+        def job() -> tuple[tensor_pb2.Tensor, torch.Tensor]:
             out = stage.forward(inputs.x, inputs.attention_mask)
             if not stage.is_last and out.dtype != wire_dtype:
                 out = out.to(wire_dtype)
             # Serialising in the compute thread keeps large copies off the event loop.
-            return codec.encode(out)
+            return placement.pack(out, colocated=colocated), out
 
         result = await self.engine.run(job, deadline)
+        output, output_tensor = result.value  # type: ignore[misc]
         record = tensor_pb2.HopRecord(
             worker_id=self.worker_id,
             layers=tensor_pb2.LayerRange(start=span.start, end=span.end),
@@ -89,12 +98,13 @@ class WorkerCore:
             source_worker_id=request.source_worker_id,
             compute_ms=result.compute_ms,
             queue_ms=result.queue_ms,
+            input_transport="shm" if request.input.shm_handle else "inline",
         )
         if request.downstream:
             if self.relay is None:
                 raise FailedPrecondition(f"worker {self.worker_id} does not relay")
-            return await self.relay.forward(request, result.value, record, deadline)  # type: ignore[arg-type]
-        response = worker_pb2.ForwardResponse(request_id=request.request_id, output=result.value)  # type: ignore[arg-type]
+            return await self.relay.forward(request, output, output_tensor, record, deadline)
+        response = worker_pb2.ForwardResponse(request_id=request.request_id, output=output)
         response.hops.extend(request.upstream_hops)
         response.hops.append(record)
         return response

@@ -11,7 +11,7 @@ from services.errors import FailedPrecondition, InvalidArgument
 from services.gen.shardmesh.v1 import worker_pb2
 from services.layers import LayerSpan
 from services.models.base import StageModel
-from services.wire import codec
+from services.wire import placement
 
 _ID_DTYPES = (torch.int64, torch.int32)
 _HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,7 +50,7 @@ def decode_input(request: worker_pb2.ForwardRequest, stage: StageModel, limits: 
     if not request.HasField("input"):
         raise InvalidArgument("input: missing; send token ids (first stage) or hidden states")
     if stage.is_first:
-        x = codec.decode(
+        x = placement.unpack(
             request.input, field="input", max_bytes=limits.max_tensor_bytes, expect_dtype=_ID_DTYPES, expect_rank=(2,)
         )
         batch, seq = x.shape
@@ -65,7 +65,7 @@ def decode_input(request: worker_pb2.ForwardRequest, stage: StageModel, limits: 
             raise InvalidArgument(f"input: token ids must be in [0, {limits.vocab_size}), got range [{lo}, {hi}]")
         x = x.to(torch.int64)
     else:
-        x = codec.decode(
+        x = placement.unpack(
             request.input, field="input", max_bytes=limits.max_tensor_bytes, expect_dtype=_HIDDEN_DTYPES, expect_rank=(3,)
         )
         batch, seq, hidden = x.shape
@@ -77,7 +77,7 @@ def decode_input(request: worker_pb2.ForwardRequest, stage: StageModel, limits: 
             x = x.to(stage.dtype)  # reduced wire dtype: upcast before compute
     mask = None
     if request.HasField("attention_mask"):
-        mask = codec.decode(
+        mask = placement.unpack(
             request.attention_mask,
             field="attention_mask",
             max_bytes=limits.max_tensor_bytes,

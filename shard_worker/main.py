@@ -14,7 +14,7 @@ from services.gen.shardmesh.v1 import worker_pb2, worker_pb2_grpc
 from services.lifecycle import ServerLifecycle
 from services.models.registry import load_stage, resolve_model
 from services.telemetry import setup_logging, start_metrics
-from services.wire import codec
+from services.wire import codec, shm
 from shard_worker.core import WorkerCore
 from shard_worker.engine import StageEngine
 from shard_worker.inputs import InputLimits
@@ -70,7 +70,9 @@ async def serve(config: WorkerConfig) -> int:
         hidden_size=source.hidden_size,
     )
     peers = PeerPool(config.tls if config.tls.enabled else None)
-    core = WorkerCore(stage, engine, limits, address, codec.dtype_from_name(config.wire_dtype), Relay(peers, worker_id))
+    core = WorkerCore(
+        stage, engine, limits, address, codec.dtype_from_name(config.wire_dtype), Relay(peers, worker_id), config.use_shm
+    )
     servicer.attach(core)
     await lifecycle.set_serving(True)
     presence = None
@@ -98,6 +100,7 @@ async def serve(config: WorkerConfig) -> int:
     await lifecycle.stop(0.5)
     await peers.close()
     engine.close()
+    shm.sweep_own()  # segments this worker wrote that no peer consumed
     log.info("worker %s stopped", worker_id)
     return 0
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from services.errors import DeadlineExceeded, FailedPrecondition, ShardmeshError, Unavailable, status_of
 from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
 from services.transport.pool import PeerPool
 from services.transport.stream_client import downstream_budget
+from services.wire import codec, placement
 
 _UNDELIVERED = (Unavailable, DeadlineExceeded)
 
@@ -42,6 +45,7 @@ class Relay:
         self,
         request: worker_pb2.ForwardRequest,
         output: tensor_pb2.Tensor,
+        output_tensor: torch.Tensor,
         record: tensor_pb2.HopRecord,
         deadline: float | None,
     ) -> worker_pb2.ForwardResponse:
@@ -61,6 +65,10 @@ class Relay:
             mode=tensor_pb2.MODE_RELAY,
             source=tensor_pb2.SOURCE_UPSTREAM_WORKER,
             source_worker_id=self._worker_id,
+            reply_dtype=request.reply_dtype,
+            session_id=request.session_id,
+            position=request.position,
+            session_ttl_s=request.session_ttl_s,
         )
         down.downstream.extend(request.downstream[1:])
         down.upstream_hops.extend(request.upstream_hops)
@@ -71,8 +79,10 @@ class Relay:
         try:
             response = await self._pool.stream(nxt.address, nxt.worker_id).call(down, downstream_budget(remaining))
         except _UNDELIVERED as exc:
-            return self._undelivered(request, exc, output, down, nxt)
+            placement.release(output)
+            return self._undelivered(request, exc, output_tensor, down, nxt)
         except ShardmeshError as exc:
+            placement.release(output)
             if exc.relay_response is not None:
                 return exc.relay_response  # an error further down: pass it back unchanged
             raise
@@ -86,7 +96,7 @@ class Relay:
         self,
         request: worker_pb2.ForwardRequest,
         exc: ShardmeshError,
-        output: tensor_pb2.Tensor,
+        output: torch.Tensor,
         down: worker_pb2.ForwardRequest,
         nxt: tensor_pb2.RouteHop,
     ) -> worker_pb2.ForwardResponse:
@@ -100,5 +110,6 @@ class Relay:
         response.error.failed_worker_id = nxt.worker_id
         response.error.failed_address = nxt.address
         response.error.failed_layers.CopyFrom(nxt.layers)
-        response.error.pending_input.CopyFrom(output)
+        # Inline bytes: the router may be on another host, and a shm segment may already be gone.
+        codec.encode(output, response.error.pending_input)
         return response

@@ -9,6 +9,7 @@ import grpc
 
 from services.errors import Unavailable, grpc_errors, status_of
 from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
+from services.transport.chunked import MessageAssembler, split_message
 from services.transport.stream_server import StreamHandlers, serve_multiplexed
 from shard_worker.core import WorkerCore
 
@@ -62,10 +63,13 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         async def handle(request: worker_pb2.ForwardRequest) -> worker_pb2.ForwardResponse:
             return await core.forward(request, core.deadline_for(request, None))
 
+        assembler: MessageAssembler[worker_pb2.ForwardRequest] = MessageAssembler()
         handlers: StreamHandlers[worker_pb2.ForwardRequest, worker_pb2.ForwardResponse] = StreamHandlers(
             handle=handle,
             on_error=lambda request, exc: error_response(core, request, exc),
             is_cancel=lambda request: request.cancel,
+            absorb=assembler.add,
+            expand=split_message,
         )
         try:
             await serve_multiplexed(context, handlers, self._max_stream_pending)

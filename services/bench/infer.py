@@ -66,7 +66,10 @@ def _failed(systems: tuple[str, ...], plan: BenchPlan, exc: BaseException, threa
 def run_workload(workload: Workload, plan: BenchPlan, progress: Progress) -> list[BenchRow]:
     source = resolve_model(workload.model)
     ids, mask = make_inputs(workload, source.vocab_size)
-    say: Progress = lambda message: progress(f"{workload.label}: {message}")  # noqa: E731
+
+    def say(message: str) -> None:
+        progress(f"{workload.label}: {message}")
+
     say(f"single process, {workload.requests} requests back to back")
     single, reference, single_threads = run_single(workload, ids, mask, plan.single_threads, say)
     sizes = WireSizes(
@@ -106,7 +109,7 @@ def _settings(plan: BenchPlan) -> dict[str, object]:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

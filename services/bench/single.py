@@ -9,7 +9,6 @@ torch thread count is fastest here.
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable
 
@@ -52,8 +51,6 @@ def run_single(
             wall_s = time.perf_counter() - started
     finally:
         torch.set_num_threads(previous)
-        del stage
-        gc.collect()
     return Measurement(tuple(samples), wall_s, 1, matches_single=True), reference, threads
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 from services.bench.records import BenchRow, HopSample, Measurement, Outcome, WireSizes
 from services.bench.workloads import Workload
@@ -113,45 +114,33 @@ def hop_summary(measurement: Measurement) -> tuple[float | None, float | None, f
 
 def summarise(outcome: Outcome, single: Measurement, workload: Workload, sizes: WireSizes) -> BenchRow:
     """One table row: ``outcome``'s numbers, with ratios against the single-process measurement ``single``."""
-    base = {
-        "system": outcome.system,
-        "model": workload.model,
-        "concurrency": outcome.concurrency,
-        "activation_bytes": sizes.activation_bytes,
-        "batch": workload.batch,
-        "seq_len": workload.seq_len,
-        "stages": len(workload.split),
-        "threads": outcome.threads,
-        "note": outcome.note,
-    }
     m = outcome.measurement
     error = outcome.error
     if m is not None and m.failures:
         error = error or f"{m.failures} request(s) failed; first: {m.first_failure}"
+    row = BenchRow(
+        system=outcome.system, model=workload.model, concurrency=outcome.concurrency,
+        p50_ms=None, p99_ms=None, mean_ms=None, throughput_rps=None, ratio_to_single=None, throughput_ratio=None,
+        compute_ms=None, hop_overhead_ms=None, hop_queue_ms=None, transfer_gbps=None,
+        activation_bytes=sizes.activation_bytes, batch=workload.batch, seq_len=workload.seq_len,
+        stages=len(workload.split), requests=len(m.samples) if m else 0, threads=outcome.threads,
+        matches_single=m.matches_single if m else None, note=outcome.note, error=error,
+    )  # fmt: skip
     if m is None or not m.samples:
-        return BenchRow(
-            **base, p50_ms=None, p99_ms=None, mean_ms=None, throughput_rps=None, ratio_to_single=None,
-            throughput_ratio=None, compute_ms=None, hop_overhead_ms=None, hop_queue_ms=None, transfer_gbps=None,
-            requests=len(m.samples) if m else 0, error=error or "no request succeeded",
-        )  # fmt: skip
+        return replace(row, error=error or "no request succeeded")
     p50, p99, avg = latency_summary(m)
-    single_p50 = latency_summary(single)[0]
     rps = throughput_rps(len(m.samples), m.wall_s)
-    single_rps = throughput_rps(len(single.samples), single.wall_s)
     overhead, queue, gbps = hop_summary(m)
-    return BenchRow(
-        **base,
+    return replace(
+        row,
         p50_ms=p50,
         p99_ms=p99,
         mean_ms=avg,
         throughput_rps=rps,
-        ratio_to_single=ratio(p50, single_p50),
-        throughput_ratio=ratio(rps, single_rps),
+        ratio_to_single=ratio(p50, latency_summary(single)[0]),
+        throughput_ratio=ratio(rps, throughput_rps(len(single.samples), single.wall_s)),
         compute_ms=compute_per_request_ms(m) if m.samples[0].hops else avg,
         hop_overhead_ms=overhead,
         hop_queue_ms=queue,
         transfer_gbps=gbps,
-        requests=len(m.samples),
-        matches_single=m.matches_single,
-        error=error,
     )

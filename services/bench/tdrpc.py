@@ -7,11 +7,13 @@ activation to stage 1, gets it back, sends it to stage 2, and so on: the same to
 A stage runs one forward at a time (a lock, like a shard worker's single compute thread) and returns
 its compute and queue times with the output, so per-hop overhead means the same thing as for the mesh.
 
-Loopback only: rendezvous at ``tcp://127.0.0.1:PORT``, ``TP_SOCKET_IFNAME=lo`` for TensorPipe's socket
-transport. Two variants (:data:`RPC_VARIANTS`), because the choice matters on a small machine: TensorPipe's
-default shared-memory transport works here and moves 8 MB fastest (echo 2.5-3.9 ms vs 5-7 ms), but its
-reactor busy-polls (an idle agent burns about half a core), which on 2 cores starves the stages'
-compute; ``uv`` (loopback TCP, epoll) with the ``cma`` channel (process_vm_readv for payloads) does not.
+Loopback only: rendezvous through a file (``file://`` FileStore: torch's TCPStore would listen on every
+interface) and ``TP_SOCKET_IFNAME=lo`` for TensorPipe's socket transport, so every listener is 127.0.0.1.
+
+Two variants (:data:`RPC_VARIANTS`), because the choice matters on a small machine: TensorPipe's default
+shared-memory transport works here and moves 8 MB fastest (echo 2.5-3.9 ms vs 5-7 ms), but its reactor
+busy-polls (an idle agent burns about half a core), which on 2 cores starves the stages' compute;
+``uv`` (loopback TCP, epoll) with the ``cma`` channel (process_vm_readv for payloads) does not.
 The driver is a child too, because an rpc agent cannot be re-initialised reliably within one process and
 the bench runs several workloads; every child is joined with a deadline and killed if it overstays.
 """
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -31,11 +32,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.rpc as rpc
 import torch.multiprocessing as mp
+from torch.distributed import rpc
 
 from services.bench.load import closed_loop_threads
-from services.bench.records import SYSTEM_TORCH_RPC, SYSTEM_TORCH_RPC_SHM, HopSample, Measurement, Outcome, RequestSample
+from services.bench.records import (
+    SYSTEM_TORCH_RPC,
+    SYSTEM_TORCH_RPC_SHM,
+    HopSample,
+    Measurement,
+    Outcome,
+    RequestSample,
+)
 from services.bench.workloads import BenchPlan, Workload
 
 Progress = Callable[[str], None]
@@ -73,7 +81,6 @@ class RpcJob:
     request_timeout_s: float
     start_timeout_s: float
     threads: int
-    port: int
     rendezvous_path: str  # a FileStore: rendezvous without a TCP listener (torch's TCPStore binds every interface)
     result_path: str
     variant: RpcVariant
@@ -116,9 +123,7 @@ def _forward(host: rpc.RRef[StageHost], x: torch.Tensor, mask: torch.Tensor) -> 
 
 def _rank_main(rank: int, job: RpcJob) -> None:
     """Entry point of every spawned process: rank 0 drives, ranks 1..N hold one stage each."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job.port), TP_SOCKET_IFNAME="lo", GLOO_SOCKET_IFNAME="lo"
-    )
+    os.environ.update(MASTER_ADDR="127.0.0.1", TP_SOCKET_IFNAME="lo", GLOO_SOCKET_IFNAME="lo")
     warnings.filterwarnings("ignore", message=".*ProcessGroupGloo.*")
     torch.set_num_threads(1 if rank == 0 else job.threads)
     max_concurrency = max((c for c, _ in job.levels), default=1)
@@ -193,12 +198,6 @@ def _from_json(run: dict[str, Any]) -> Measurement:
     return Measurement(samples, run["wall_s"], run["concurrency"], run["failures"], run["first_failure"], run["matches_single"])
 
 
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_torch_rpc(
     workload: Workload,
     plan: BenchPlan,
@@ -214,7 +213,7 @@ def run_torch_rpc(
         job = RpcJob(
             model=workload.model, split=workload.split, ids=ids, mask=mask, reference=reference,
             warmup=workload.warmup, levels=levels, request_timeout_s=workload.request_timeout_s,
-            start_timeout_s=plan.start_timeout_s, threads=plan.worker_threads, port=free_loopback_port(),
+            start_timeout_s=plan.start_timeout_s, threads=plan.worker_threads,
             rendezvous_path=str(Path(tmp) / "rendezvous"), result_path=str(Path(tmp) / "result.json"),
             variant=variant,
         )  # fmt: skip

@@ -100,7 +100,7 @@ def build_plan(
     """The run's plan. ``--quick`` uses a short minilm input and concurrency 1,2 (unless levels are given)."""
     if requests < 0:
         raise ConfigError(f"--requests: expected an integer >= 0 (0 = suite default), got {requests}")
-    workloads = (QUICK,) if quick else (MINILM, LLAMA_WIDE)
+    workloads: tuple[Workload, ...] = (QUICK,) if quick else (MINILM, LLAMA_WIDE)
     if requests:
         workloads = tuple(replace(w, requests=requests) for w in workloads)
     levels = QUICK_CONCURRENCY if quick and concurrency == DEFAULT_CONCURRENCY else parse_concurrency(concurrency)

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     w.add_argument("--wire-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype of activations this worker sends (reduced = half the bytes, bounded error)")
+    w.add_argument("--no-shm", action="store_true",
+                   help="never use shared memory for large activations to co-located peers (send bytes, chunked)")
     w.add_argument("--cache-budget-mb", type=int, default=512, help="KV-cache budget for generation sessions, in MiB")
     w.add_argument("--session-ttl-s", type=float, default=300.0, help="idle generation sessions expire after this")
     c = w.add_argument_group("Consul registration")
@@ -78,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-tensor-mb", type=int, default=256, help="largest tensor accepted from clients, in MiB")
     r.add_argument("--wire-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype of activations sent to workers")
+    r.add_argument("--no-shm", action="store_true",
+                   help="never use shared memory for large activations to co-located workers (send bytes, chunked)")
     r.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, seconds to finish in-flight requests")
     _add_tls(r)
     _add_common(r)

@@ -16,6 +16,7 @@ import grpc
 
 from services.errors import DeadlineExceeded, ShardmeshError, Unavailable, error_from_status, code_from_int
 from services.gen.shardmesh.v1 import worker_pb2, worker_pb2_grpc
+from services.transport.chunked import MessageAssembler, split_message
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,22 @@ class ForwardStreamClient:
 
     async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         reason = "stream ended"
+        assembler: MessageAssembler[worker_pb2.ForwardResponse] = MessageAssembler()
         try:
             while True:
                 response = await call.read()
                 if response is grpc.aio.EOF:
                     break
+                try:
+                    whole = assembler.add(response)
+                except ShardmeshError as exc:
+                    failed = self._pending.pop(response.request_id, None)
+                    if failed is not None and not failed.done():
+                        failed.set_exception(exc)
+                    continue
+                if whole is None:
+                    continue  # more chunks to come
+                response = whole
                 future = self._pending.pop(response.request_id, None)
                 if future is not None and not future.done():
                     future.set_result(response)
@@ -94,8 +106,9 @@ class ForwardStreamClient:
             call = await self._ensure_stream()
             future._shardmesh_call = call  # type: ignore[attr-defined]
             self._pending[request.request_id] = future
-            async with self._write_lock:
-                await asyncio.wait_for(call.write(request), timeout_s)
+            async with self._write_lock:  # the chunks of one request go out back to back
+                for part in split_message(request):
+                    await asyncio.wait_for(call.write(part), timeout_s)
             response = await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except (TimeoutError, asyncio.TimeoutError):
             await self._cancel_remote(request.request_id)

@@ -38,10 +38,14 @@ class StreamHandlers(Generic[Req, Resp]):
         handle: Callable[[Req], Awaitable[Resp]],
         on_error: Callable[[Req, BaseException], Resp],
         is_cancel: Callable[[Req], bool] = lambda _req: False,
+        absorb: Callable[[Req], Req | None] = lambda req: req,
+        expand: Callable[[Resp], list[Resp]] = lambda resp: [resp],
     ) -> None:
         self.handle = handle
         self.on_error = on_error
         self.is_cancel = is_cancel
+        self.absorb = absorb  # reassembly: None until a request is complete
+        self.expand = expand  # chunking: one response as several messages
 
 
 async def serve_multiplexed(
@@ -76,6 +80,14 @@ async def serve_multiplexed(
                 if task is not None:
                     task.cancel()
                 continue
+            try:
+                whole = handlers.absorb(request)
+            except Exception as exc:  # noqa: BLE001 - a malformed chunk fails that request only
+                await outbox.put(handlers.on_error(request, exc))
+                continue
+            if whole is None:
+                continue
+            request = whole
             if request.request_id in tasks:
                 await outbox.put(
                     handlers.on_error(request, InvalidArgument(f"duplicate request_id {request.request_id!r} in flight"))
@@ -97,7 +109,8 @@ async def serve_multiplexed(
     closer = asyncio.create_task(read_then_close())
     try:
         while (response := await outbox.get()) is not _END:
-            await context.write(response)
+            for part in handlers.expand(response):  # type: ignore[arg-type]
+                await context.write(part)
         await closer  # re-raises a reader failure (e.g. the call was cancelled)
     finally:
         closer.cancel()

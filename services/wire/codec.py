@@ -52,6 +52,17 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise InvalidArgument(f"unknown dtype {name!r}; expected one of {sorted(_TORCH_BY_NAME)}") from None
 
 
+def dtype_from_wire(wire: int) -> torch.dtype:
+    try:
+        return _TORCH_BY_WIRE[wire]
+    except KeyError:
+        raise InvalidArgument(f"unknown dtype {wire}") from None
+
+
+def wire_dtype(dtype: torch.dtype) -> int:
+    return _WIRE_BY_TORCH[dtype]
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return _NAME_BY_TORCH[dtype]
 
@@ -74,17 +85,15 @@ def encode(tensor: torch.Tensor, out: tensor_pb2.Tensor | None = None) -> tensor
     return msg
 
 
-def decode(
+def check_header(
     msg: tensor_pb2.Tensor,
     *,
-    field: str = "tensor",
-    max_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    field: str,
+    max_bytes: int,
     expect_dtype: tuple[torch.dtype, ...] | None = None,
     expect_rank: tuple[int, ...] | None = None,
-) -> torch.Tensor:
-    """Checks and deserialises ``msg``; every problem is INVALID_ARGUMENT naming ``field``."""
-    if msg.shm_handle:
-        raise InvalidArgument(f"{field}: shared-memory handles are not accepted on this path")
+) -> tuple[torch.dtype, list[int], int]:
+    """Checks dtype, shape and size of a tensor message (wherever its bytes are); returns (dtype, shape, nbytes)."""
     dtype = _TORCH_BY_WIRE.get(msg.dtype)
     if dtype is None:
         raise InvalidArgument(f"{field}: unknown or unspecified dtype {msg.dtype}")
@@ -105,6 +114,27 @@ def decode(
             f"{field}: tensor of shape {shape} ({expected} bytes) exceeds the limit of {max_bytes} bytes;"
             " send a smaller input or raise --max-tensor-mb"
         )
+    return dtype, shape, expected
+
+
+def decode(
+    msg: tensor_pb2.Tensor,
+    *,
+    field: str = "tensor",
+    max_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    expect_dtype: tuple[torch.dtype, ...] | None = None,
+    expect_rank: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """Checks and deserialises inline bytes; every problem is INVALID_ARGUMENT naming ``field``.
+
+    Shared-memory handles are refused here: only :func:`services.wire.placement.unpack`, used on hops
+    between co-located peers, reads them.
+    """
+    if msg.shm_handle:
+        raise InvalidArgument(f"{field}: shared-memory handles are not accepted on this path")
+    dtype, shape, expected = check_header(
+        msg, field=field, max_bytes=max_bytes, expect_dtype=expect_dtype, expect_rank=expect_rank
+    )
     if len(msg.data) != expected:
         raise InvalidArgument(
             f"{field}: data has {len(msg.data)} bytes but shape {shape} x {_NAME_BY_TORCH[dtype]} needs {expected}"

@@ -276,10 +276,6 @@ def test_unsupported_architecture_is_config_error(tmp_path: Path) -> None:
         resolve_model(str(tmp_path), cache_dir=tmp_path)
 
 
-def test_smollm2_is_not_available_yet(tmp_path: Path) -> None:
-    with pytest.raises(NotFound, match="not available yet"):
-        resolve_model("smollm2", cache_dir=tmp_path)
-
 
 def test_local_directory_resolves_like_the_builtin(tiny_llama: ModelSource, cache_dir: Path) -> None:
     local = resolve_model(str(tiny_llama.model_dir), cache_dir=cache_dir)

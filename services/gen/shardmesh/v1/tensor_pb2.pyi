@@ -81,7 +81,7 @@ class RouteHop(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ...) -> None: ...
 
 class HopRecord(_message.Message):
-    __slots__ = ("worker_id", "layers", "source", "source_worker_id", "compute_ms", "hop_ms", "queue_ms")
+    __slots__ = ("worker_id", "layers", "source", "source_worker_id", "compute_ms", "hop_ms", "queue_ms", "input_transport")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class HopRecord(_message.Message):
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     HOP_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     layers: LayerRange
     source: Source
@@ -96,7 +97,8 @@ class HopRecord(_message.Message):
     compute_ms: float
     hop_ms: float
     queue_ms: float
-    def __init__(self, worker_id: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., source: _Optional[_Union[Source, str]] = ..., source_worker_id: _Optional[str] = ..., compute_ms: _Optional[float] = ..., hop_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
+    input_transport: str
+    def __init__(self, worker_id: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., source: _Optional[_Union[Source, str]] = ..., source_worker_id: _Optional[str] = ..., compute_ms: _Optional[float] = ..., hop_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., input_transport: _Optional[str] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "failed_worker_id", "failed_address", "failed_layers", "pending_input")

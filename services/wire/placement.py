@@ -1,0 +1,45 @@
+"""Where a tensor's bytes travel: inline in the message, or in shared memory between co-located peers.
+
+The sender decides (it knows whether the receiver is on the same host); the receiver accepts either.
+Shared memory turns an 8 MiB hop from a 15-25 ms gRPC copy into two memory copies of a few ms.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from services.gen.shardmesh.v1 import tensor_pb2
+from services.wire import codec, shm
+
+# Below this, inline bytes are as fast and need no segment bookkeeping.
+SHM_MIN_BYTES = 1 << 20
+
+
+def pack(tensor: torch.Tensor, *, colocated: bool, out: tensor_pb2.Tensor | None = None) -> tensor_pb2.Tensor:
+    """Serialises ``tensor`` for a receiver; large tensors to a co-located receiver go by shared memory."""
+    msg = out if out is not None else tensor_pb2.Tensor()
+    if colocated and tensor.numel() * tensor.element_size() >= SHM_MIN_BYTES and shm.shm_available():
+        shm.export_tensor(tensor, msg)
+        return msg
+    return codec.encode(tensor, msg)
+
+
+def unpack(
+    msg: tensor_pb2.Tensor,
+    *,
+    field: str,
+    max_bytes: int,
+    expect_dtype: tuple[torch.dtype, ...] | None = None,
+    expect_rank: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """Deserialises inline bytes (zero-copy) or a shared-memory segment (copied, then unlinked)."""
+    if not msg.shm_handle:
+        return codec.decode(msg, field=field, max_bytes=max_bytes, expect_dtype=expect_dtype, expect_rank=expect_rank)
+    codec.check_header(msg, field=field, max_bytes=max_bytes, expect_dtype=expect_dtype, expect_rank=expect_rank)
+    return shm.import_tensor(msg, field=field, max_bytes=max_bytes)
+
+
+def release(msg: tensor_pb2.Tensor) -> None:
+    """Frees the segment of a message that will never be read (a failed send)."""
+    if msg.shm_handle:
+        shm.discard(msg.shm_handle)

@@ -1,0 +1,43 @@
+"""``shardmesh bench --quick`` end to end: every system measured (or its row says why not), JSON and plot written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.procs import CLI, Proc
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REQUIRED = {"system", "model", "concurrency", "p50_ms", "p99_ms", "throughput_rps", "ratio_to_single"}
+SYSTEMS = {"single", "mesh-direct", "mesh-relay", "torch-rpc"}
+
+
+@pytest.mark.timeout(420)
+def test_bench_quick_writes_json_and_plot(tmp_path: Path) -> None:
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = Proc([*CLI, "bench", "--quick", "--json", str(out_json), "--plot", str(out_png)])
+    code = proc.wait(400)
+    assert code == 0, "\n".join(proc.stderr[-40:])
+    doc = json.loads(out_json.read_text())
+    assert {"results", "machine", "started_at"} <= set(doc)
+    rows = doc["results"]
+    assert all(REQUIRED <= set(row) for row in rows)
+    assert {row["system"] for row in rows} >= SYSTEMS
+    assert {row["concurrency"] for row in rows} == {1, 2}
+    for row in rows:
+        if row["system"] == "mesh-relay" and row.get("error"):
+            assert row["error"].startswith("relay mode not available")
+            continue
+        assert "error" not in row, row
+        assert row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"] and row["throughput_rps"] > 0
+        assert row["ratio_to_single"] > 0
+        assert row["matches_single"] is True, row  # same computation in every system
+        if row["system"] != "single":
+            assert row["hop_overhead_ms"] is not None and row["transfer_gbps"] is not None
+    single = [r for r in rows if r["system"] == "single" and r["concurrency"] == 1]
+    assert single and single[0]["ratio_to_single"] == pytest.approx(1.0)
+    assert out_png.stat().st_size > 10_000 and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| system |" in "\n".join(proc.stdout)
