@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
-from services.errors import FailedPrecondition, ResourceExhausted
+from services.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.gen.shardmesh.v1 import router_pb2, tensor_pb2
 from services.models.registry import load_tokenizer, resolve_model
 from services.telemetry import INFLIGHT
 from services.wire import codec
+from router.generation import GenerationService
 from router.inputs import TokenizerCache, request_inputs
 from router.pipeline import Pipeline
 from router.topology import Topology
 
+GENERATE_TIMEOUT_S = 600.0  # a generation without a client deadline
 MODE_NAMES = {"direct": tensor_pb2.MODE_DIRECT, "relay": tensor_pb2.MODE_RELAY}
 
 
@@ -29,6 +32,7 @@ class RouterCore:
         max_inflight: int,
         max_tensor_bytes: int,
         tokenizer_model: str | None,
+        generation: GenerationService | None = None,
     ) -> None:
         self.topology = topology
         self.pipeline = pipeline
@@ -37,6 +41,7 @@ class RouterCore:
         self.max_inflight = max_inflight
         self.max_tensor_bytes = max_tensor_bytes
         self.inflight = 0
+        self.generation = generation
         self._tokenizer_model = tokenizer_model
         self._tokenizers = TokenizerCache(lambda model: load_tokenizer(resolve_model(model)))
 
@@ -79,6 +84,43 @@ class RouterCore:
         response.hops.extend(result.hops)
         response.route.extend(h.worker_id for h in result.hops)
         return response
+
+    async def generate(
+        self, request: router_pb2.GenerateRequest, time_remaining: float | None
+    ) -> AsyncIterator[router_pb2.GenerateEvent]:
+        """Streams generated tokens, then a summary (see router/generation.py)."""
+        if self.generation is None:
+            raise FailedPrecondition("this router has no generation service")
+        kind = request.WhichOneof("prompt")
+        tokenizer = None
+        if kind == "text":
+            if not request.text.strip():
+                raise InvalidArgument("text: empty prompt; send at least one non-blank character")
+            tokenizer = self._tokenizer()
+            prompt_ids, _ = tokenizer.encode(request.text)
+        elif kind == "tokens":
+            prompt_ids = list(request.tokens.ids)
+            try:
+                tokenizer = self._tokenizer()
+            except Exception:  # noqa: BLE001 - token-id prompts work without a tokenizer (no text in events)
+                tokenizer = None
+        else:
+            raise InvalidArgument("prompt: missing; set text or tokens")
+        if self.inflight >= self.max_inflight:
+            raise ResourceExhausted(
+                f"router has {self.inflight} requests in flight (limit --max-inflight {self.max_inflight}); retry later"
+            )
+        deadline = time.monotonic() + (time_remaining if time_remaining is not None else GENERATE_TIMEOUT_S)
+        mode = request.mode or self.default_mode
+        request_id = request.session_id or request.request_id or uuid.uuid4().hex
+        self.inflight += 1
+        try:
+            async for event in self.generation.generate(
+                request, prompt_ids, tokenizer, deadline, request_id, relay=mode == tensor_pb2.MODE_RELAY
+            ):
+                yield event
+        finally:
+            self.inflight -= 1
 
     def topology_view(self) -> router_pb2.TopologyResponse:
         reply = router_pb2.TopologyResponse(discovery=self.topology.discovery.name)

@@ -16,6 +16,7 @@ from services.lifecycle import ServerLifecycle
 from services.telemetry import setup_logging, start_metrics
 from services.wire import codec
 from router.core import RouterCore
+from router.generation import GenerationService
 from router.peers import WorkerPool
 from router.pipeline import Pipeline, PipelineSettings
 from router.planning.outlier import OutlierConfig, OutlierDetector
@@ -86,6 +87,7 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None) -> int
         max_inflight=config.max_inflight,
         max_tensor_bytes=config.max_tensor_bytes,
         tokenizer_model=config.model,
+        generation=GenerationService(topology, pool, pipeline, config.max_attempts),
     )
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core, config.max_inflight), lifecycle.server)
     await lifecycle.start(config.listen)

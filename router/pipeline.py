@@ -206,7 +206,9 @@ class Pipeline:
         mask: tensor_pb2.Tensor | None,
         checksum: str,
         deadline: float,
+        session: tuple[str, int] | None = None,
     ) -> tuple[worker_pb2.ForwardResponse, float]:
+        """One call to ``chosen[0]`` (relaying to the rest); ``session`` = (session id, position) for generation."""
         first = chosen[0]
         remaining = deadline - time.monotonic()
         # A relayed call covers several hops: allow the hop timeout for each of them.
@@ -231,6 +233,8 @@ class Pipeline:
             )
         if mask is not None:
             request.attention_mask.CopyFrom(mask)
+        if session is not None:
+            request.session_id, request.position = session
         stats = [self._stats(w.worker_id) for w in chosen]
         for st in stats:
             st.start()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 
-from services.errors import grpc_errors, status_of
+from services.errors import grpc_errors, grpc_stream_errors, status_of
 from services.gen.shardmesh.v1 import router_pb2, router_pb2_grpc, tensor_pb2
 from services.transport.stream_server import StreamHandlers, serve_multiplexed
 from router.core import RouterCore
@@ -43,6 +45,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Topology(self, request: router_pb2.TopologyRequest, context: grpc.aio.ServicerContext) -> router_pb2.TopologyResponse:
         return self._core.topology_view()
 
-    async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):  # type: ignore[override]
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Generate is not implemented yet in this version of shardmesh")
-        yield router_pb2.GenerateEvent()  # pragma: no cover - makes this an async generator
+    @grpc_stream_errors
+    async def Generate(  # type: ignore[override]
+        self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[router_pb2.GenerateEvent]:
+        async for event in self._core.generate(request, context.time_remaining()):
+            yield event

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -127,6 +128,90 @@ class AsyncRouterClient:
     async def topology(self, timeout_s: float = 5.0) -> router_pb2.TopologyResponse:
         return await self._stub.Topology(router_pb2.TopologyRequest(), timeout=timeout_s)
 
+    async def generate_stream(
+        self, request: router_pb2.GenerateRequest, timeout_s: float = 300.0
+    ) -> AsyncIterator[router_pb2.GenerateEvent]:
+        """Yields each token event as it arrives, then the summary event."""
+        call = self._stub.Generate(request, timeout=timeout_s)
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, address=self.address) from None
+        finally:
+            call.cancel()  # no-op when finished; frees the session at once if the caller stopped early
+
+    async def generate(self, timeout_s: float = 300.0, **kwargs: Any) -> GenerateResult:
+        """Runs a whole generation; see :func:`build_generate_request` for the arguments."""
+        tokens: list[int] = []
+        summary = None
+        async for event in self.generate_stream(build_generate_request(**kwargs), timeout_s):
+            if event.HasField("token"):
+                tokens.append(event.token.token_id)
+            else:
+                summary = event.summary
+        assert summary is not None, "the router ended the stream without a summary"
+        return GenerateResult.from_proto(summary)
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    text: str
+    token_ids: tuple[int, ...]
+    ttft_ms: float
+    tokens_per_s: float
+    route: tuple[str, ...]
+    finish_reason: str
+    failovers: int
+
+    @classmethod
+    def from_proto(cls, s: router_pb2.GenerateSummary) -> GenerateResult:
+        return cls(s.text, tuple(s.token_ids), s.ttft_ms, s.tokens_per_s, tuple(s.route), s.finish_reason, s.failovers)
+
+    def to_json(self) -> dict[str, object]:
+        """The ``shardmesh generate --json`` object."""
+        return {
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "ttft_ms": round(self.ttft_ms, 3),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "route": list(self.route),
+        }
+
+
+def build_generate_request(
+    *,
+    text: str | None = None,
+    tokens: Sequence[int] | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    stop_token_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    mode: str | None = None,
+    request_id: str | None = None,
+) -> router_pb2.GenerateRequest:
+    if (text is None) == (tokens is None):
+        raise ValueError("give exactly one of text, tokens")
+    req = router_pb2.GenerateRequest(
+        request_id=request_id or uuid.uuid4().hex,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        mode=MODE_BY_NAME[mode],  # type: ignore[arg-type]
+    )
+    if text is not None:
+        req.text = text
+    else:
+        req.tokens.ids.extend(int(t) for t in tokens)  # type: ignore[union-attr]
+    req.stop_token_ids.extend(stop_token_ids)
+    req.stop_strings.extend(stop_strings)
+    return req
+
 
 class RouterClient:
     """Blocking client for scripts: each call runs on a private event loop."""
@@ -144,6 +229,9 @@ class RouterClient:
 
     def topology(self, timeout_s: float = 5.0) -> router_pb2.TopologyResponse:
         return self._loop.run_until_complete(self._client.topology(timeout_s))
+
+    def generate(self, timeout_s: float = 300.0, **kwargs: Any) -> GenerateResult:
+        return self._loop.run_until_complete(self._client.generate(timeout_s, **kwargs))
 
     def close(self) -> None:
         self._loop.run_until_complete(self._client.close())

@@ -46,6 +46,7 @@ class WorkerConfig:
     use_shm: bool
     cache_budget_bytes: int
     session_ttl_s: float
+    no_batching: bool
     consul: ConsulRegistration | None
     tls: TlsFiles
     metrics_listen: str | None
@@ -82,6 +83,7 @@ class WorkerConfig:
             use_shm=not args.no_shm,
             cache_budget_bytes=args.cache_budget_mb * MIB,
             session_ttl_s=args.session_ttl_s,
+            no_batching=args.no_batching,
             consul=consul,
             tls=TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca),
             metrics_listen=args.metrics_listen,

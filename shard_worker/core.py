@@ -18,6 +18,7 @@ from services.wire.shm import is_colocated
 from shard_worker.engine import StageEngine
 from shard_worker.inputs import InputLimits, check_plan, decode_input
 from shard_worker.relay import Relay
+from shard_worker.sessions import SessionService
 
 VERSION = "0.1.0"
 
@@ -32,6 +33,7 @@ class WorkerCore:
         wire_dtype: torch.dtype = torch.float32,
         relay: Relay | None = None,
         use_shm: bool = True,
+        sessions: SessionService | None = None,
     ) -> None:
         self.stage = stage
         self.engine = engine
@@ -40,6 +42,7 @@ class WorkerCore:
         self.wire_dtype = wire_dtype
         self.relay = relay
         self.use_shm = use_shm
+        self.sessions = sessions
         self.active = 0
 
     @property
@@ -82,22 +85,32 @@ class WorkerCore:
             is_colocated(request.downstream[0].address) if request.downstream else request.reply_shm
         )
 
-        def job() -> tuple[tensor_pb2.Tensor, torch.Tensor]:
-            out = stage.forward(inputs.x, inputs.attention_mask)
+        def finish(out: torch.Tensor) -> tuple[tensor_pb2.Tensor, torch.Tensor]:
             if not stage.is_last and out.dtype != wire_dtype:
                 out = out.to(wire_dtype)
-            # Serialising in the compute thread keeps large copies off the event loop.
             return placement.pack(out, colocated=colocated), out
 
-        result = await self.engine.run(job, deadline)
-        output, output_tensor = result.value  # type: ignore[misc]
+        if request.session_id:
+            if self.sessions is None:
+                raise FailedPrecondition(
+                    f"worker {self.worker_id} serves {self.source.model_id}, which has no generation sessions"
+                )
+            started = time.monotonic()
+            out = await self.sessions.step(request.session_id, request.position, request.session_ttl_s, inputs.x, deadline)
+            compute_ms, queue_ms = 1000 * (time.monotonic() - started), 0.0
+            output, output_tensor = finish(out)
+        else:
+            # Forward and serialisation both run in the compute thread: large copies stay off the event loop.
+            result = await self.engine.run(lambda: finish(stage.forward(inputs.x, inputs.attention_mask)), deadline)
+            output, output_tensor = result.value  # type: ignore[misc]
+            compute_ms, queue_ms = result.compute_ms, result.queue_ms
         record = tensor_pb2.HopRecord(
             worker_id=self.worker_id,
             layers=tensor_pb2.LayerRange(start=span.start, end=span.end),
             source=request.source or tensor_pb2.SOURCE_ROUTER,
             source_worker_id=request.source_worker_id,
-            compute_ms=result.compute_ms,
-            queue_ms=result.queue_ms,
+            compute_ms=compute_ms,
+            queue_ms=queue_ms,
             input_transport="shm" if request.input.shm_handle else "inline",
         )
         if request.downstream:
@@ -124,6 +137,9 @@ class WorkerCore:
                 max_inflight=self.engine.max_inflight,
                 inflight=self.active,
                 max_tensor_bytes=self.limits.max_tensor_bytes,
+                cache_budget_bytes=self.sessions.store.budget_bytes if self.sessions else 0,
+                cache_used_bytes=self.sessions.store.bytes_used if self.sessions else 0,
+                sessions=self.sessions.store.count if self.sessions else 0,
             ),
             state="draining" if self.engine.draining else "serving",
             address=self.address,

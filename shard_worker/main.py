@@ -21,6 +21,7 @@ from shard_worker.inputs import InputLimits
 from shard_worker.presence import ConsulPresence
 from shard_worker.relay import Relay
 from shard_worker.servicer import ShardWorkerServicer
+from shard_worker.sessions import SessionService, stop_task
 from services.transport.pool import PeerPool
 
 log = logging.getLogger("shardmesh.worker")
@@ -70,8 +71,16 @@ async def serve(config: WorkerConfig) -> int:
         hidden_size=source.hidden_size,
     )
     peers = PeerPool(config.tls if config.tls.enabled else None)
+    sessions = None
+    if hasattr(stage, "step"):  # llama stages keep per-session KV caches for generation
+        sessions = SessionService(
+            stage, engine, budget_bytes=config.cache_budget_bytes, default_ttl_s=config.session_ttl_s,
+            batching=not config.no_batching,
+        )
+    expiry = sessions.start() if sessions else None
     core = WorkerCore(
-        stage, engine, limits, address, codec.dtype_from_name(config.wire_dtype), Relay(peers, worker_id), config.use_shm
+        stage, engine, limits, address, codec.dtype_from_name(config.wire_dtype), Relay(peers, worker_id), config.use_shm,
+        sessions,
     )
     servicer.attach(core)
     await lifecycle.set_serving(True)
@@ -98,6 +107,7 @@ async def serve(config: WorkerConfig) -> int:
     if not drained:
         log.warning("grace period of %.1fs ended with %d requests in flight", config.grace_s, engine.inflight)
     await lifecycle.stop(0.5)
+    await stop_task(expiry)
     await peers.close()
     engine.close()
     shm.sweep_own()  # segments this worker wrote that no peer consumed

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -96,12 +97,29 @@ def run_workload(workload: Workload, plan: BenchPlan, progress: Progress) -> lis
     return [summarise(outcome, single, workload, sizes) for outcome in outcomes]
 
 
+@contextlib.contextmanager
+def child_environment(extra: tuple[tuple[str, str], ...]) -> Iterator[None]:
+    """Adds ``extra`` to this process's environment while the run lasts, so the children (mesh processes
+    via LocalMesh, rpc processes via spawn) inherit it; restores the previous values afterwards."""
+    saved = {key: os.environ.get(key) for key, _ in extra}
+    os.environ.update(dict(extra))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _settings(plan: BenchPlan) -> dict[str, object]:
     return {
         "command": "shardmesh " + " ".join(sys.argv[1:]) if sys.argv else "",
         "quick": plan.quick,
         "concurrency": list(plan.concurrency),
         "worker_threads": plan.worker_threads,
+        "child_env": dict(plan.child_env),
         "single_thread_candidates": list(plan.single_threads),
         "torch_rpc_variants": {s: RPC_VARIANTS[s].describe() + ", TP_SOCKET_IFNAME=lo" for s in plan.rpc_systems},
         "workloads": [dataclasses.asdict(w) for w in plan.workloads],
@@ -122,10 +140,11 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     started_at = _now()
     machine = describe_machine()
     progress(f"bench infer: {len(plan.workloads)} workload(s), concurrency {plan.concurrency}, "
-             f"worker threads {plan.worker_threads}, load average {machine['load_average_at_start']}")  # fmt: skip
+             f"worker threads {plan.worker_threads}, child env {dict(plan.child_env)}, load average {machine['load_average_at_start']}")  # fmt: skip
     rows: list[BenchRow] = []
-    for workload in plan.workloads:
-        rows += run_workload(workload, plan, progress)
+    with child_environment(plan.child_env):
+        for workload in plan.workloads:
+            rows += run_workload(workload, plan, progress)
     machine["load_average_at_end"] = load_average()
     print(markdown_table(rows), flush=True)
     if args.json_path:

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-shm", action="store_true",
                    help="never use shared memory for large activations to co-located peers (send bytes, chunked)")
     w.add_argument("--cache-budget-mb", type=int, default=512, help="KV-cache budget for generation sessions, in MiB")
+    w.add_argument("--no-batching", action="store_true",
+                   help="run each session's decode step alone (bit-exact with one process; slower with many sessions)")
     w.add_argument("--session-ttl-s", type=float, default=300.0, help="idle generation sessions expire after this")
     c = w.add_argument_group("Consul registration")
     c.add_argument("--consul", metavar="HOST:PORT", help="register with this Consul agent (default: $CONSUL_HTTP_ADDR)")

@@ -114,6 +114,7 @@ def test_summarise_reports_errors_as_rows() -> None:
 def test_plan_quick_and_concurrency() -> None:
     plan = build_plan(quick=True, requests=0, concurrency="1,8", cpu_count=2, environ={})
     assert plan.workloads == (QUICK,) and plan.concurrency == (1, 2) and plan.single_threads == (1, 2)
+    assert plan.worker_threads == 2 and ("OMP_WAIT_POLICY", "PASSIVE") in plan.child_env
     plan = build_plan(quick=False, requests=3, concurrency="1,4,4", cpu_count=2, environ={"SHARDMESH_BENCH_WORKER_THREADS": "2"})
     assert plan.concurrency == (1, 4) and plan.worker_threads == 2
     assert {w.model for w in plan.workloads} == {"minilm", "tiny-llama-wide"} and all(w.requests == 3 for w in plan.workloads)

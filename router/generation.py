@@ -1,0 +1,205 @@
+"""Sharded generation: one session per request, pinned to one replica per stage, tokens streamed.
+
+Each worker on the route keeps the session's KV cache for its layers, so after the prompt every step
+sends one position's token (stage 0) or hidden state through the stages. The router keeps the
+session's step log (the prompt, then each generated token). If a stage fails mid-generation, the
+router picks a healthy route, opens a fresh session there (a new id, so no worker can mistake it for
+the old one) and replays the same steps from position 0, which rebuilds every cache exactly as it was
+(same steps, same positions, checked by the workers), then continues. The sampler's state is never
+replayed, so seeded sampling yields the same tokens as a run without the failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from services.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ShardmeshError, Unavailable
+from services.gen.shardmesh.v1 import router_pb2, worker_pb2
+from services.models.generation import SamplingParams, StopRule, next_token, sampling_generator, streamable_length
+from services.telemetry import FAILOVERS
+from router.peers import WorkerPool
+from router.pipeline import Pipeline, _unpack
+from router.planning.balancer import choose_replica
+from router.planning.types import WorkerInfo
+from router.topology import Topology
+
+log = logging.getLogger(__name__)
+
+_RETRYABLE = (Unavailable, DeadlineExceeded, ResourceExhausted)
+CLOSE_TIMEOUT_S = 2.0
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+@dataclass
+class _Session:
+    request_id: str
+    relay: bool
+    checksum: str
+    route: list[WorkerInfo]
+    epoch: int = 0
+    steps: list[list[int]] = field(default_factory=list)  # token ids fed at each step, in order
+    position: int = 0
+    failovers: int = 0
+    failed: set[str] = field(default_factory=set)
+
+    @property
+    def session_id(self) -> str:
+        return f"{self.request_id}#{self.epoch}"
+
+
+class GenerationService:
+    def __init__(self, topology: Topology, pool: WorkerPool, pipeline: Pipeline, max_attempts: int) -> None:
+        self._topology = topology
+        self._pool = pool
+        self._pipeline = pipeline
+        self._max_attempts = max_attempts
+        self.active_sessions = 0
+
+    def _pick_route(self, session: _Session | None, checksum: str | None) -> list[WorkerInfo]:
+        excluded = frozenset(session.failed if session else ()) | self._pipeline.outliers.ejected(time.monotonic())
+        plan = self._topology.plan(excluded=excluded, checksum=checksum)
+        return [choose_replica(stage.replicas, self._pipeline.stats, self._pipeline._rng) for stage in plan.stages]
+
+    async def generate(
+        self,
+        request: router_pb2.GenerateRequest,
+        prompt_ids: list[int],
+        tokenizer: Any,
+        deadline: float,
+        request_id: str,
+        relay: bool,
+    ) -> AsyncIterator[router_pb2.GenerateEvent]:
+        if not prompt_ids:
+            raise InvalidArgument("prompt: empty; send text or at least one token id")
+        params = SamplingParams(
+            temperature=request.temperature, top_p=request.top_p or 1.0, top_k=request.top_k, seed=request.seed
+        )
+        eos = set(request.stop_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        rule = StopRule(request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, frozenset(eos), tuple(request.stop_strings))
+        plan = self._topology.plan(excluded=self._pipeline.outliers.ejected(time.monotonic()))
+        session = _Session(request_id, relay, plan.checksum, [])
+        session.route = self._pick_route(None, plan.checksum)
+        generator = sampling_generator(params)
+        started = time.monotonic()
+        ttft_ms = 0.0
+        generated: list[int] = []
+        sent_chars = 0
+        finish = "length"
+        self.active_sessions += 1
+        try:
+            step_ids = list(prompt_ids)
+            while True:
+                logits = await self._step(session, step_ids, deadline)
+                token = next_token(logits.reshape(-1), params, generator)
+                generated.append(token)
+                if len(generated) == 1:
+                    ttft_ms = 1000 * (time.monotonic() - started)
+                text = tokenizer.decode(generated) if tokenizer is not None else ""
+                reason = rule.reason(generated, text)
+                visible = len(text) if reason == "length" else streamable_length(text, rule.stop_strings)
+                if reason == "stop_string":
+                    visible = streamable_length(text, rule.stop_strings)
+                delta = text[sent_chars:visible] if visible > sent_chars else ""
+                sent_chars = max(sent_chars, visible)
+                yield router_pb2.GenerateEvent(
+                    token=router_pb2.GeneratedToken(token_id=token, text=delta, index=len(generated) - 1)
+                )
+                if reason is not None:
+                    finish = "stop" if reason != "length" else "length"
+                    break
+                step_ids = [token]
+            elapsed = time.monotonic() - started
+            final_text = tokenizer.decode(generated) if tokenizer is not None else ""
+            summary = router_pb2.GenerateSummary(
+                token_count=len(generated),
+                ttft_ms=ttft_ms,
+                tokens_per_s=len(generated) / elapsed if elapsed > 0 else 0.0,
+                finish_reason=finish,
+                text=final_text[: streamable_length(final_text, rule.stop_strings)] if rule.stop_strings else final_text,
+                failovers=session.failovers,
+            )
+            summary.route.extend(w.worker_id for w in session.route)
+            summary.token_ids.extend(generated)
+            yield router_pb2.GenerateEvent(summary=summary)
+        finally:
+            self.active_sessions -= 1
+            # Also on client disconnect (cancellation): free the caches on every worker of the route.
+            await asyncio.shield(self._close(session.route, session.session_id))
+
+    async def _step(self, session: _Session, ids: list[int], deadline: float) -> torch.Tensor:
+        """Runs one step through the session's route; on a hop failure, fails over and replays."""
+        session.steps.append(ids)
+        attempts = 0
+        while True:
+            try:
+                if attempts == 0:
+                    return await self._run(session, ids, session.position, deadline)
+                return await self._replay(session, deadline)
+            except _RETRYABLE as exc:
+                attempts += 1
+                failed = next((w for w in session.route if w.worker_id == exc.failed_worker_id), None)
+                failed = failed or session.route[0]
+                session.failed.add(failed.worker_id)
+                if not isinstance(exc, ResourceExhausted):
+                    self._pipeline.outliers.record_failure(failed.worker_id, time.monotonic(), (failed.worker_id,))
+                if attempts >= self._max_attempts or time.monotonic() >= deadline:
+                    raise
+                old_route, old_id = session.route, session.session_id
+                session.route = self._pick_route(session, session.checksum)
+                session.epoch += 1
+                session.failovers += 1
+                FAILOVERS.labels(reason="generate-" + type(exc).__name__).inc()
+                log.warning(
+                    "session %s: hop %s failed at position %d (%s); replaying %d steps on %s",
+                    session.request_id, failed.worker_id, session.position, exc, len(session.steps),
+                    [w.worker_id for w in session.route],
+                )
+                survivors = [w for w in old_route if w.worker_id != failed.worker_id]
+                asyncio.create_task(self._close(survivors, old_id))
+
+    async def _replay(self, session: _Session, deadline: float) -> torch.Tensor:
+        """Rebuilds the new route's caches with the same steps at the same positions; returns the last logits."""
+        position = 0
+        logits = torch.empty(0)
+        for ids in session.steps:
+            logits = await self._run(session, ids, position, deadline, advance=False)
+            position += len(ids)
+        session.position = position
+        return logits
+
+    async def _run(
+        self, session: _Session, ids: list[int], position: int, deadline: float, *, advance: bool = True
+    ) -> torch.Tensor:
+        x = torch.tensor([ids], dtype=torch.int64)
+        call_id = f"{session.session_id}@{position}"
+        key = (session.session_id, position)
+        if session.relay:
+            response, _ = await self._pipeline._call(session.route, call_id, x, None, session.checksum, deadline, key)
+            out = await _unpack(response.output, "output")
+        else:
+            out = x
+            for worker in session.route:
+                response, _ = await self._pipeline._call([worker], call_id, out, None, session.checksum, deadline, key)
+                out = await _unpack(response.output, "output")
+        if advance:
+            session.position = position + len(ids)
+        return out
+
+    async def _close(self, route: Sequence[WorkerInfo], session_id: str) -> None:
+        async def close_one(worker: WorkerInfo) -> None:
+            with contextlib.suppress(Exception):
+                await self._pool.peer(worker.address).stub.CloseSession(
+                    worker_pb2.CloseSessionRequest(session_id=session_id), timeout=CLOSE_TIMEOUT_S
+                )
+
+        await asyncio.gather(*(close_one(w) for w in route))
