@@ -155,7 +155,12 @@ class GenerationService:
                 if attempts >= self._max_attempts or time.monotonic() >= deadline:
                     raise
                 old_route, old_id = session.route, session.session_id
-                session.route = self._pick_route(session, session.checksum)
+                try:
+                    session.route = self._pick_route(session, session.checksum)
+                except Unavailable as no_route:
+                    # The hop's own error says what happened; the planner says why nothing else can serve.
+                    exc.message = f"{exc.message}; {no_route.message}"
+                    raise exc from None
                 session.epoch += 1
                 session.failovers += 1
                 FAILOVERS.labels(reason="generate-" + type(exc).__name__).inc()

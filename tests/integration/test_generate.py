@@ -1,0 +1,189 @@
+"""Sharded generation through real worker processes: tokens identical to transformers' ``generate``,
+failover mid-generation, and session resources freed on every worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+
+from services.client import AsyncRouterClient, RouterClient, build_generate_request
+from services.errors import ResourceExhausted
+from services.gen.shardmesh.v1 import worker_pb2, worker_pb2_grpc
+from services.models.registry import resolve_model
+from services.wire import codec
+from tests.procs import UpMesh, mesh_up
+
+pytestmark = [pytest.mark.integration]
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+def _reference(model_name: str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    from transformers import LlamaForCausalLM
+
+    model = _models.setdefault(
+        model_name,
+        LlamaForCausalLM.from_pretrained(str(resolve_model(model_name).model_dir), torch_dtype=torch.float32).eval(),
+    )
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()
+
+
+_models: dict[str, object] = {}
+
+
+def _sessions(mesh: UpMesh) -> dict[str, int]:
+    counts = {}
+    for name, info in mesh.workers.items():
+        with grpc.insecure_channel(info["address"]) as channel:
+            reply = worker_pb2_grpc.ShardWorkerStub(channel).Describe(worker_pb2.DescribeRequest(), timeout=5)
+        counts[name] = reply.capacity.sessions
+    return counts
+
+
+def _until(probe, accept, timeout_s: float = 20.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if accept(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("split", [["0:6"], ["0:1", "1:5", "5:6"], ["0:2", "2:4", "4:6"]], ids=",".join)
+def test_tiny_llama_greedy_equals_transformers_generate(split: list[str]) -> None:
+    prompts = [[1, 5, 77, 300, 12, 9], [1, 400, 3], list(range(1, 40))]
+    config = {"model": "tiny-llama", "workers": [{"layers": s} for s in split], "worker_args": ["--no-batching"]}
+    with mesh_up(config) as mesh, RouterClient(mesh.router) as client:
+        for mode in ("direct", "relay"):
+            for prompt in prompts:
+                result = client.generate(tokens=prompt, max_new_tokens=16, mode=mode)
+                assert list(result.token_ids) == _reference("tiny-llama", prompt, 16), (mode, prompt)
+                assert len(result.route) == len(split)
+        assert _until(lambda: _sessions(mesh), lambda c: not any(c.values())) == {w: 0 for w in mesh.workers}
+
+
+@pytest.fixture(scope="module")
+def smollm2_mesh() -> Iterator[UpMesh]:
+    config = {
+        "model": "smollm2",
+        "workers": [{"layers": "0:10"}, {"layers": "10:20", "replicas": 2}, {"layers": "20:30"}],
+        "router_args": ["--hop-timeout-ms", "3000"],
+    }
+    with mesh_up(config, timeout_s=600) as mesh:
+        yield mesh
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_transformers_generate(smollm2_mesh: UpMesh) -> None:
+    tokenizer = _tokenizer()
+    with RouterClient(smollm2_mesh.router) as client:
+        for prompt in PROMPTS[:2]:
+            ids = tokenizer(prompt)["input_ids"]
+            expected = _reference("smollm2", ids, 12)
+            result = client.generate(text=prompt, max_new_tokens=12)
+            assert list(result.token_ids) == expected, prompt
+            assert result.text == tokenizer.decode(expected, skip_special_tokens=True)
+            assert result.ttft_ms > 0 and result.tokens_per_s > 0
+
+
+def _tokenizer():  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_model("smollm2").model_dir))
+
+
+@pytest.mark.slow
+async def test_killing_a_worker_mid_generation_keeps_the_tokens(smollm2_mesh: UpMesh) -> None:
+    tokenizer = _tokenizer()
+    prompt = PROMPTS[2]
+    expected = _reference("smollm2", tokenizer(prompt)["input_ids"], 24)
+    victim = None
+    tokens: list[int] = []
+    summary = None
+    async with AsyncRouterClient(smollm2_mesh.router) as client:
+        async for event in client.generate_stream(build_generate_request(text=prompt, max_new_tokens=24), 300):
+            if event.HasField("summary"):
+                summary = event.summary
+                break
+            tokens.append(event.token.token_id)
+            if len(tokens) == 6 and victim is None:
+                counts = await asyncio.to_thread(_sessions, smollm2_mesh)
+                victim = next(name for name in ("w1r0", "w1r1") if counts[name] == 1)
+                os.kill(int(smollm2_mesh.workers[victim]["pid"]), signal.SIGKILL)
+    assert victim is not None and summary is not None
+    assert summary.failovers >= 1 and victim not in summary.route
+    assert tokens == expected and list(summary.token_ids) == expected
+
+
+@pytest.mark.slow
+async def test_concurrent_sessions_batch_and_match_sequential(smollm2_mesh: UpMesh) -> None:
+    tokenizer = _tokenizer()
+    prompts = [f"{p} ({i})" for i, p in enumerate(PROMPTS * 3)][:8]
+    async with AsyncRouterClient(smollm2_mesh.router) as client:
+        sequential = [(await client.generate(text=p, max_new_tokens=8)).token_ids for p in prompts]
+        concurrent = await asyncio.gather(*(client.generate(text=p, max_new_tokens=8) for p in prompts))
+    assert [r.token_ids for r in concurrent] == sequential
+    assert all(len(t) == 8 for t in sequential)
+    del tokenizer
+
+
+def test_session_resources_are_freed() -> None:
+    config = {
+        "model": "tiny-llama",
+        "workers": [{"layers": "0:3"}, {"layers": "3:6", "args": ["--session-ttl-s", "1", "--cache-budget-mb", "1"]}],
+    }
+    hidden_size = resolve_model("tiny-llama").hidden_size
+    with mesh_up(config) as mesh, RouterClient(mesh.router) as client, grpc.insecure_channel(mesh.workers["w1"]["address"]) as channel:
+        stub = worker_pb2_grpc.ShardWorkerStub(channel)
+
+        def open_session(session_id: str, tokens: int, position: int = 0) -> None:
+            hidden = codec.encode(torch.zeros(1, tokens, hidden_size))
+            stub.Forward(
+                worker_pb2.ForwardRequest(request_id=session_id, input=hidden, session_id=session_id, position=position),
+                timeout=10,
+            )
+
+        # Budget: one session of 900 tokens fits in 1 MiB of cache on layers 3:6; a second does not, and the
+        # caller gets RESOURCE_EXHAUSTED with the numbers.
+        open_session("big", 900)
+        with pytest.raises(ResourceExhausted, match=r"cache budget 1(\.0)? MiB full: 1 sessions use"):
+            client.generate(tokens=[1] * 900, max_new_tokens=2)
+        assert stub.CloseSession(worker_pb2.CloseSessionRequest(session_id="big"), timeout=5).existed
+        assert _until(lambda: _sessions(mesh), lambda c: not any(c.values())) == {"w0": 0, "w1": 0}
+
+        # TTL: an abandoned session expires on the worker.
+        open_session("abandoned", 4)
+        assert _sessions(mesh)["w1"] == 1
+        # A step at the wrong position is refused with both numbers (no silent off-by-one).
+        with pytest.raises(grpc.RpcError) as info:
+            open_session("abandoned", 1, position=7)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "position 7" in info.value.details() and "holds 4 tokens" in info.value.details()
+        assert _until(lambda: _sessions(mesh), lambda c: c["w1"] == 0, 10)["w1"] == 0
+
+    # Client disconnect: a cancelled generation frees its session on every worker.
+    with mesh_up({"model": "tiny-llama", "workers": [{"layers": "0:3"}, {"layers": "3:6"}]}) as mesh:
+
+        async def start_and_cancel() -> None:
+            async with AsyncRouterClient(mesh.router) as client:
+                stream = client.generate_stream(build_generate_request(tokens=[1, 2, 3], max_new_tokens=2000), 60)
+                seen = 0
+                async for _ in stream:
+                    seen += 1
+                    if seen == 3:
+                        counts = await asyncio.to_thread(_sessions, mesh)
+                        assert counts == {"w0": 1, "w1": 1}
+                        break
+                await stream.aclose()
+
+        asyncio.run(start_and_cancel())
+        assert _until(lambda: _sessions(mesh), lambda c: not any(c.values())) == {"w0": 0, "w1": 0}
