@@ -63,8 +63,7 @@ async def _demo(args: argparse.Namespace) -> int:
     from services.models.registry import resolve_model
 
     if args.generate:
-        print("shardmesh demo --generate: sharded generation is not available in this version", file=sys.stderr)
-        return 2
+        return await _demo_generate(args)
     source = resolve_model(args.model)
     if source.architecture != "bert":
         print(f"shardmesh demo: the demo compares with sentence-transformers; use a bert model, not {args.model}", file=sys.stderr)
@@ -107,6 +106,74 @@ async def _demo(args: argparse.Namespace) -> int:
         print(f"stopped the mesh (exit codes: {codes})")
     print("all outputs match the single-process model" if all_match else "some outputs differ from the reference")
     return 0 if all_match else 1
+
+
+GENERATE_PROMPTS = ("The capital of France is", "A service mesh is")
+GENERATE_SPLIT = ("0:10", "10:20", "20:30")
+
+
+async def _demo_generate(args: argparse.Namespace) -> int:
+    """SmolLM2 split over 3 workers, tokens streamed, compared with transformers' generate in one process."""
+    from services.client import build_generate_request
+    from services.models.registry import resolve_model
+
+    model_name = "smollm2" if args.model == "minilm" else args.model
+    print(f"shardmesh demo --generate: {model_name} split {', '.join(GENERATE_SPLIT)} over 3 workers")
+    print("preparing the model (converted once from the bundled GGUF, then cached) ...", flush=True)
+    source = await asyncio.to_thread(resolve_model, model_name)
+    spec = MeshSpec(
+        model=model_name,
+        router_listen="127.0.0.1:0",
+        workers=tuple(
+            WorkerSpec(f"worker-{i}", LayerSpan.parse(s), "127.0.0.1:0") for i, s in enumerate(GENERATE_SPLIT)
+        ),
+        mode=args.mode,
+    )
+    mesh = LocalMesh(spec, progress=ProgressPrinter())
+    reference_task = asyncio.create_task(asyncio.to_thread(_llama_reference, str(source.model_dir)))
+    all_match = True
+    try:
+        address = await mesh.start()
+        model, tokenizer = await reference_task
+        print(f"ready: router at {address}\n")
+        async with AsyncRouterClient(address) as client:
+            for prompt in GENERATE_PROMPTS:
+                print(f"{prompt!r}\n  mesh      ", end="", flush=True)
+                tokens: list[int] = []
+                summary = None
+                async for event in client.generate_stream(build_generate_request(text=prompt, max_new_tokens=20), 300):
+                    if event.HasField("token"):
+                        tokens.append(event.token.token_id)
+                        print(event.token.text, end="", flush=True)
+                    else:
+                        summary = event.summary
+                ids = tokenizer(prompt)["input_ids"]
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    ref = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
+                ref_s = time.perf_counter() - t0
+                match = tokens == ref
+                all_match &= match
+                assert summary is not None
+                print(f"\n  reference {tokenizer.decode(ref, skip_special_tokens=True)}")
+                print(
+                    f"  mesh: {summary.tokens_per_s:.1f} tokens/s, first token {summary.ttft_ms:.0f} ms, route "
+                    f"{' -> '.join(summary.route)}; reference: {len(ref) / ref_s:.1f} tokens/s; "
+                    f"{'MATCH (identical tokens)' if match else 'MISMATCH'}\n"
+                )
+    finally:
+        if not reference_task.done():
+            reference_task.cancel()
+        codes = await mesh.stop()
+        print(f"stopped the mesh (exit codes: {codes})")
+    print("all generations match the single-process model" if all_match else "some generations differ")
+    return 0 if all_match else 1
+
+
+def _llama_reference(model_dir: str) -> tuple[object, object]:
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
 def _head(t: torch.Tensor) -> str:

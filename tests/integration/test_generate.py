@@ -76,7 +76,7 @@ def smollm2_mesh() -> Iterator[UpMesh]:
     config = {
         "model": "smollm2",
         "workers": [{"layers": "0:10"}, {"layers": "10:20", "replicas": 2}, {"layers": "20:30"}],
-        "router_args": ["--hop-timeout-ms", "3000"],
+        "router_args": ["--hop-timeout-ms", "20000"],
     }
     with mesh_up(config, timeout_s=600) as mesh:
         yield mesh
