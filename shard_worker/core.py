@@ -16,7 +16,7 @@ from services.models.base import ModelSource, StageModel
 from services.wire import codec, placement
 from services.wire.shm import is_colocated
 from shard_worker.engine import StageEngine
-from shard_worker.inputs import InputLimits, check_plan, decode_input
+from shard_worker.inputs import check_plan, decode_input
 from shard_worker.relay import Relay
 from shard_worker.sessions import SessionService
 
@@ -28,7 +28,7 @@ class WorkerCore:
         self,
         stage: StageModel,
         engine: StageEngine,
-        limits: InputLimits,
+        max_tensor_bytes: int,
         address: str,
         wire_dtype: torch.dtype = torch.float32,
         relay: Relay | None = None,
@@ -37,7 +37,7 @@ class WorkerCore:
     ) -> None:
         self.stage = stage
         self.engine = engine
-        self.limits = limits
+        self.max_tensor_bytes = max_tensor_bytes
         self.address = address
         self.wire_dtype = wire_dtype
         self.relay = relay
@@ -77,7 +77,7 @@ class WorkerCore:
         Relay.check_route(request, span.end, self.source.total_layers)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded(f"deadline exceeded before hop {self.worker_id} started", failed_worker_id=self.worker_id)
-        inputs = decode_input(request, self.stage, self.limits)
+        inputs = decode_input(request, self.stage, self.max_tensor_bytes)
         stage = self.stage
         wire_dtype = codec.dtype_from_wire(request.reply_dtype) if request.reply_dtype else self.wire_dtype
         # The receiver is the next worker (relay) or the caller; large outputs to a co-located one go by shm.
@@ -136,7 +136,7 @@ class WorkerCore:
             capacity=worker_pb2.Capacity(
                 max_inflight=self.engine.max_inflight,
                 inflight=self.active,
-                max_tensor_bytes=self.limits.max_tensor_bytes,
+                max_tensor_bytes=self.max_tensor_bytes,
                 cache_budget_bytes=self.sessions.store.budget_bytes if self.sessions else 0,
                 cache_used_bytes=self.sessions.store.bytes_used if self.sessions else 0,
                 sessions=self.sessions.store.count if self.sessions else 0,

@@ -24,14 +24,6 @@ class StageInput:
     attention_mask: torch.Tensor | None
 
 
-@dataclass(frozen=True)
-class InputLimits:
-    max_tensor_bytes: int
-    max_positions: int  # longest sequence the model accepts
-    vocab_size: int
-    hidden_size: int
-
-
 def check_plan(request: worker_pb2.ForwardRequest, span: LayerSpan, checksum: str, worker_id: str) -> None:
     """Refuses requests planned for another layer range or another model version."""
     if request.HasField("layers") and (request.layers.start, request.layers.end) != (span.start, span.end):
@@ -46,47 +38,30 @@ def check_plan(request: worker_pb2.ForwardRequest, span: LayerSpan, checksum: st
         )
 
 
-def decode_input(request: worker_pb2.ForwardRequest, stage: StageModel, limits: InputLimits) -> StageInput:
+def decode_input(request: worker_pb2.ForwardRequest, stage: StageModel, max_tensor_bytes: int) -> StageInput:
+    """Wire-level checks here (dtype, rank, byte length, size limit); the stage checks the values."""
     if not request.HasField("input"):
         raise InvalidArgument("input: missing; send token ids (first stage) or hidden states")
-    if stage.is_first:
-        x = placement.unpack(
-            request.input, field="input", max_bytes=limits.max_tensor_bytes, expect_dtype=_ID_DTYPES, expect_rank=(2,)
-        )
-        batch, seq = x.shape
-        if batch == 0 or seq == 0:
-            raise InvalidArgument(f"input: empty token ids (shape {list(x.shape)}); send at least one token")
-        if seq > limits.max_positions:
-            raise InvalidArgument(
-                f"input: {seq} tokens exceed the model's maximum of {limits.max_positions}; shorten the input"
-            )
-        lo, hi = int(x.min()), int(x.max())
-        if lo < 0 or hi >= limits.vocab_size:
-            raise InvalidArgument(f"input: token ids must be in [0, {limits.vocab_size}), got range [{lo}, {hi}]")
-        x = x.to(torch.int64)
-    else:
-        x = placement.unpack(
-            request.input, field="input", max_bytes=limits.max_tensor_bytes, expect_dtype=_HIDDEN_DTYPES, expect_rank=(3,)
-        )
-        batch, seq, hidden = x.shape
-        if batch == 0 or seq == 0:
-            raise InvalidArgument(f"input: empty hidden states (shape {list(x.shape)})")
-        if hidden != limits.hidden_size:
-            raise InvalidArgument(f"input: hidden size {hidden} does not match the model's {limits.hidden_size}")
-        if x.dtype != stage.dtype:
-            x = x.to(stage.dtype)  # reduced wire dtype: upcast before compute
+    x = placement.unpack(
+        request.input,
+        field="input",
+        max_bytes=max_tensor_bytes,
+        expect_dtype=_ID_DTYPES if stage.is_first else _HIDDEN_DTYPES,
+        expect_rank=(2,) if stage.is_first else (3,),
+    )
+    # Token ids are int64 inside the model; reduced wire dtypes are upcast before compute.
+    x = x.to(torch.int64) if stage.is_first else x.to(stage.dtype)
     mask = None
     if request.HasField("attention_mask"):
         mask = placement.unpack(
             request.attention_mask,
             field="attention_mask",
-            max_bytes=limits.max_tensor_bytes,
+            max_bytes=max_tensor_bytes,
             expect_dtype=_MASK_DTYPES,
             expect_rank=(2,),
-        )
-        if tuple(mask.shape) != tuple(x.shape[:2]):
-            raise InvalidArgument(
-                f"attention_mask: shape {list(mask.shape)} does not match input's [batch, seq] {list(x.shape[:2])}"
-            )
-        mask = mask.to(torch.int64)
+        ).to(torch.int64)
+    try:
+        stage.check_input(x, mask)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"input: {exc}") from None
     return StageInput(x, mask)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 
 import torch
@@ -17,7 +16,6 @@ from services.telemetry import setup_logging, start_metrics
 from services.wire import codec, shm
 from shard_worker.core import WorkerCore
 from shard_worker.engine import StageEngine
-from shard_worker.inputs import InputLimits
 from shard_worker.presence import ConsulPresence
 from shard_worker.relay import Relay
 from shard_worker.servicer import ShardWorkerServicer
@@ -28,11 +26,6 @@ log = logging.getLogger("shardmesh.worker")
 
 RPC_HEADROOM = 32
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["ShardWorker"].full_name
-
-
-def _max_positions(model_dir: object, default: int) -> int:
-    config = json.loads((model_dir / "config.json").read_text())  # type: ignore[operator]
-    return int(config.get("max_position_embeddings", default))
 
 
 async def serve(config: WorkerConfig) -> int:
@@ -64,12 +57,6 @@ async def serve(config: WorkerConfig) -> int:
     log.info("loaded %d parameters for layers %s", stage.parameter_count(), config.span)
 
     engine = StageEngine(stage, worker_id, config.max_inflight)
-    limits = InputLimits(
-        max_tensor_bytes=config.max_tensor_bytes,
-        max_positions=_max_positions(source.model_dir, 1 << 20),
-        vocab_size=source.vocab_size,
-        hidden_size=source.hidden_size,
-    )
     peers = PeerPool(config.tls if config.tls.enabled else None)
     sessions = None
     if hasattr(stage, "step"):  # llama stages keep per-session KV caches for generation
@@ -79,7 +66,7 @@ async def serve(config: WorkerConfig) -> int:
         )
     expiry = sessions.start() if sessions else None
     core = WorkerCore(
-        stage, engine, limits, address, codec.dtype_from_name(config.wire_dtype), Relay(peers, worker_id), config.use_shm,
+        stage, engine, config.max_tensor_bytes, address, codec.dtype_from_name(config.wire_dtype), Relay(peers, worker_id), config.use_shm,
         sessions,
     )
     servicer.attach(core)

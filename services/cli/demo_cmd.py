@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -17,6 +20,8 @@ from services.client import AsyncRouterClient
 from services.localmesh.launcher import LocalMesh
 from services.localmesh.spec import MeshSpec, WorkerSpec
 from services.layers import LayerSpan
+
+T = TypeVar("T")
 
 SAMPLES = (
     "A service mesh routes requests between services.",
@@ -53,6 +58,28 @@ class ProgressPrinter:
         return f"{time.monotonic() - self._t0:5.1f}s"
 
 
+def _local_spec(model: str, split: tuple[str, ...], mode: str) -> MeshSpec:
+    workers = tuple(WorkerSpec(f"worker-{i}", LayerSpan.parse(s), "127.0.0.1:0") for i, s in enumerate(split))
+    return MeshSpec(model=model, router_listen="127.0.0.1:0", workers=workers, mode=mode)
+
+
+@contextlib.asynccontextmanager
+async def _mesh_beside_reference(spec: MeshSpec, load_reference: Callable[[], T]) -> AsyncIterator[tuple[str, T]]:
+    """Starts the mesh and loads the single-process reference in parallel; always stops the mesh."""
+    mesh = LocalMesh(spec, progress=ProgressPrinter())
+    reference_task = asyncio.create_task(asyncio.to_thread(load_reference))
+    try:
+        address = await mesh.start()
+        reference = await reference_task
+        print(f"ready: router at {address}\n")
+        yield address, reference
+    finally:
+        if not reference_task.done():
+            reference_task.cancel()
+        codes = await mesh.stop()
+        print(f"stopped the mesh (exit codes: {codes})")
+
+
 def _reference(model_dir: str) -> object:
     from sentence_transformers import SentenceTransformer  # heavy: imported only for the demo
 
@@ -68,21 +95,11 @@ async def _demo(args: argparse.Namespace) -> int:
     if source.architecture != "bert":
         print(f"shardmesh demo: the demo compares with sentence-transformers; use a bert model, not {args.model}", file=sys.stderr)
         return 2
-    spec = MeshSpec(
-        model=args.model,
-        router_listen="127.0.0.1:0",
-        workers=tuple(WorkerSpec(f"worker-{i}", LayerSpan.parse(s), "127.0.0.1:0") for i, s in enumerate(DEMO_SPLIT)),
-        mode=args.mode,
-    )
+    spec = _local_spec(args.model, DEMO_SPLIT, args.mode)
     print(f"shardmesh demo: {source.model_id} ({source.total_layers} layers) split {', '.join(DEMO_SPLIT)} over 3 workers")
     print("starting the mesh (router + 3 worker processes) and the single-process reference ...")
-    mesh = LocalMesh(spec, progress=ProgressPrinter())
-    reference_task = asyncio.create_task(asyncio.to_thread(_reference, str(source.model_dir)))
     all_match = True
-    try:
-        address = await mesh.start()
-        reference = await reference_task
-        print(f"ready: router at {address}\n")
+    async with _mesh_beside_reference(spec, lambda: _reference(str(source.model_dir))) as (address, reference):
         async with AsyncRouterClient(address) as client:
             for text in SAMPLES:
                 t0 = time.perf_counter()
@@ -99,11 +116,6 @@ async def _demo(args: argparse.Namespace) -> int:
                 print(f"  mesh      {_head(out)}  {mesh_ms:6.1f} ms  route {' -> '.join(result.route)} ({result.mode})")
                 print(f"  reference {_head(ref)}  {ref_ms:6.1f} ms  (sentence-transformers, one process)")
                 print(f"  max |diff| = {diff:.3g}  {'MATCH (bit-identical)' if match else 'MISMATCH'}\n")
-    finally:
-        if not reference_task.done():
-            reference_task.cancel()
-        codes = await mesh.stop()
-        print(f"stopped the mesh (exit codes: {codes})")
     print("all outputs match the single-process model" if all_match else "some outputs differ from the reference")
     return 0 if all_match else 1
 
@@ -121,21 +133,10 @@ async def _demo_generate(args: argparse.Namespace) -> int:
     print(f"shardmesh demo --generate: {model_name} split {', '.join(GENERATE_SPLIT)} over 3 workers")
     print("preparing the model (converted once from the bundled GGUF, then cached) ...", flush=True)
     source = await asyncio.to_thread(resolve_model, model_name)
-    spec = MeshSpec(
-        model=model_name,
-        router_listen="127.0.0.1:0",
-        workers=tuple(
-            WorkerSpec(f"worker-{i}", LayerSpan.parse(s), "127.0.0.1:0") for i, s in enumerate(GENERATE_SPLIT)
-        ),
-        mode=args.mode,
-    )
-    mesh = LocalMesh(spec, progress=ProgressPrinter())
-    reference_task = asyncio.create_task(asyncio.to_thread(_llama_reference, str(source.model_dir)))
+    spec = _local_spec(model_name, GENERATE_SPLIT, args.mode)
     all_match = True
-    try:
-        address = await mesh.start()
-        model, tokenizer = await reference_task
-        print(f"ready: router at {address}\n")
+    load = lambda: _llama_reference(str(source.model_dir))  # noqa: E731
+    async with _mesh_beside_reference(spec, load) as (address, (model, tokenizer)):
         async with AsyncRouterClient(address) as client:
             for prompt in GENERATE_PROMPTS:
                 print(f"{prompt!r}\n  mesh      ", end="", flush=True)
@@ -161,16 +162,11 @@ async def _demo_generate(args: argparse.Namespace) -> int:
                     f"{' -> '.join(summary.route)}; reference: {len(ref) / ref_s:.1f} tokens/s; "
                     f"{'MATCH (identical tokens)' if match else 'MISMATCH'}\n"
                 )
-    finally:
-        if not reference_task.done():
-            reference_task.cancel()
-        codes = await mesh.stop()
-        print(f"stopped the mesh (exit codes: {codes})")
     print("all generations match the single-process model" if all_match else "some generations differ")
     return 0 if all_match else 1
 
 
-def _llama_reference(model_dir: str) -> tuple[object, object]:
+def _llama_reference(model_dir: str) -> tuple[Any, Any]:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     return LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(model_dir)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
+from services.errors import InvalidArgument
 from services.layers import LayerSpan
 
 
@@ -55,3 +56,40 @@ class StageModel(Protocol):
     def parameter_count(self) -> int:
         """Number of parameters this stage materialised (only its own layers' weights)."""
         ...
+
+    def check_input(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Raises InvalidArgument for input this stage cannot take (shape, dtype, token range, length)."""
+        ...
+
+
+class SpanStage:
+    """What every stage adapter shares: where its span sits in the model, and the input check it applies."""
+
+    source: ModelSource
+    span: LayerSpan
+    dtype: torch.dtype
+    config: Any  # the transformers config of the model
+
+    @property
+    def is_first(self) -> bool:
+        return self.span.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.span.end == self.source.total_layers
+
+    def check_input(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Remote input must fail as InvalidArgument before it reaches a torch op."""
+        from services.models.inputs import check_stage_input
+
+        check_stage_input(
+            x,
+            attention_mask,
+            is_first=self.is_first,
+            hidden_size=self.config.hidden_size,
+            vocab_size=self.config.vocab_size,
+            dtype=self.dtype,
+        )
+        limit = getattr(self.config, "max_position_embeddings", None)
+        if limit is not None and x.shape[1] > limit:
+            raise InvalidArgument(f"{x.shape[1]} tokens exceed the model's maximum of {limit}; shorten the input")

@@ -20,8 +20,7 @@ from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
 
 from services.errors import ConfigError, InvalidArgument
 from services.layers import LayerSpan
-from services.models.base import ModelSource
-from services.models.inputs import check_stage_input
+from services.models.base import SpanStage, ModelSource
 from services.models.sentence_config import read_sentence_config
 from services.models.weights import WeightReader, assert_materialised, count_parameters, load_module
 
@@ -76,7 +75,7 @@ def _weight_prefix(reader: WeightReader) -> str:
     raise ConfigError(f"{reader.model_dir} does not look like a BERT checkpoint (no encoder.layer.0 weights)")
 
 
-class BertStage:
+class BertStage(SpanStage):
     """Layers ``span`` of a BERT encoder; stage 0 embeds, the last stage pools (and normalises)."""
 
     def __init__(self, source: ModelSource, span: LayerSpan, dtype: torch.dtype = torch.float32) -> None:
@@ -101,28 +100,8 @@ class BertStage:
             module.eval()
             assert_materialised(module, f"BERT stage {span}")
 
-    @property
-    def is_first(self) -> bool:
-        return self.span.start == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.span.end == self.source.total_layers
-
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        check_stage_input(
-            x,
-            attention_mask,
-            is_first=self.is_first,
-            hidden_size=self.config.hidden_size,
-            vocab_size=self.config.vocab_size,
-            dtype=self.dtype,
-        )
-        if self.is_first and x.shape[1] > self.config.max_position_embeddings:
-            raise InvalidArgument(
-                f"sequence of {x.shape[1]} tokens exceeds {self.source.model_id}'s "
-                f"{self.config.max_position_embeddings} positions; truncate the input"
-            )
+        self.check_input(x, attention_mask)
         with torch.inference_mode():
             hidden = self.embeddings(input_ids=x) if self.embeddings is not None else x
             # BertModel._create_attention_masks for an encoder: None when nothing is padded, else a 4-D bool mask.

@@ -20,8 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 
 from services.errors import InvalidArgument
 from services.layers import LayerSpan
-from services.models.base import ModelSource
-from services.models.inputs import check_stage_input
+from services.models.base import SpanStage, ModelSource
 from services.models.kv_cache import LeftPaddedBatchCache, SessionCache, kv_bytes_per_token
 from services.models.weights import WeightReader, assert_materialised, count_parameters, load_module
 
@@ -39,7 +38,7 @@ def load_llama_config(model_dir: str) -> LlamaConfig:
     return config
 
 
-class LlamaStage:
+class LlamaStage(SpanStage):
     """Layers ``span`` of a Llama decoder; stage 0 embeds tokens, the last stage applies norm + lm_head.
 
     Decoder layers are numbered locally (0..len(span)-1) so a per-stage KV cache holds exactly this
@@ -80,23 +79,8 @@ class LlamaStage:
         else:  # tied, but the embeddings live on stage 0: read the same tensor for the head
             load_module(lm_head, reader, f"{_PREFIX}embed_tokens.", self.dtype)
 
-    @property
-    def is_first(self) -> bool:
-        return self.span.start == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.span.end == self.source.total_layers
-
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        check_stage_input(
-            x,
-            attention_mask,
-            is_first=self.is_first,
-            hidden_size=self.config.hidden_size,
-            vocab_size=self.config.vocab_size,
-            dtype=self.dtype,
-        )
+        self.check_input(x, attention_mask)
         position_ids = torch.arange(x.shape[1]).unsqueeze(0)
         return self.run(x, attention_mask, position_ids=position_ids)
 
@@ -221,14 +205,7 @@ class LlamaStage:
             return self.lm_head(self.norm(hidden))
 
     def _check_step_input(self, x: torch.Tensor, session_cache: SessionCache, position: int) -> None:
-        check_stage_input(
-            x,
-            None,
-            is_first=self.is_first,
-            hidden_size=self.config.hidden_size,
-            vocab_size=self.config.vocab_size,
-            dtype=self.dtype,
-        )
+        self.check_input(x, None)
         if x.shape[0] != 1:
             raise InvalidArgument(f"a session step takes one sequence; got a batch of {x.shape[0]}")
         session_cache.check_position(position)

@@ -71,7 +71,7 @@ def _bad_tensor(**overrides: object) -> tensor_pb2.Tensor:
         (
             lambda: router_pb2.InferRequest(tensor=codec.encode(torch.tensor([[101, 10**7, 102]]))),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "token ids must be in [0, 30522)",
+            "token ids must lie in [0, 30522)",
         ),
         (
             lambda: router_pb2.InferRequest(tensor=codec.encode(torch.ones(1, 600, dtype=torch.int64))),
@@ -107,7 +107,7 @@ def test_worker_rejects_bad_activations(mesh: UpMesh) -> None:
         info = stub.Describe(worker_pb2.DescribeRequest(), timeout=5)
         assert (info.layers.start, info.layers.end, info.total_layers) == (3, 6, 6)
         cases = [
-            (worker_pb2.ForwardRequest(input=codec.encode(torch.zeros(1, 4, hidden + 1))), "hidden size 385"),
+            (worker_pb2.ForwardRequest(input=codec.encode(torch.zeros(1, 4, hidden + 1))), "[batch, seq, 384]; got torch.float32 with shape [1, 4, 385]"),
             (worker_pb2.ForwardRequest(input=codec.encode(torch.zeros(1, 4))), "rank 2"),
             (worker_pb2.ForwardRequest(input=codec.encode(torch.zeros(1, 4, hidden, dtype=torch.int64))), "dtype int64 not accepted"),
             (worker_pb2.ForwardRequest(input=_bad_tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1, 2, hidden])), "data has 24 bytes"),
