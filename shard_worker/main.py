@@ -80,6 +80,8 @@ async def serve(config: WorkerConfig) -> int:
             source=source,
             span=config.span,
             max_inflight=config.max_inflight,
+            health_listen=config.health_listen,
+            tls=config.tls.enabled,
         )
         presence.start()
     start_metrics(config.metrics_listen)

@@ -33,8 +33,12 @@ class ConsulPresence:
         source: ModelSource,
         span: LayerSpan,
         max_inflight: int,
+        health_listen: str | None = None,
+        tls: bool = False,
     ) -> None:
         host, port = split_host_port(advertise, what="advertised address")
+        # With TLS, the agent probes the plaintext health-only listener when there is one.
+        check_port = split_host_port(health_listen, what="--health-listen")[1] if health_listen else None
         self._registrar = ConsulRegistrar(
             config.agent,
             service_name=config.service,
@@ -46,6 +50,8 @@ class ConsulPresence:
             check=config.check,  # type: ignore[arg-type]
             interval_s=1.0,
             ttl_s=6.0,
+            check_port=check_port,
+            grpc_use_tls=tls and check_port is None,
         )
         self._task: asyncio.Task[None] | None = None
         self.registered = asyncio.Event()

@@ -147,6 +147,7 @@ class ConsulRegistrar:
         ttl_s: float = 15.0,
         deregister_critical_after: str = "1m",
         grpc_service: str = "",
+        check_port: int | None = None,
         grpc_use_tls: bool = False,
         weight: int = 1,
         request_timeout_s: float = 5.0,
@@ -173,7 +174,8 @@ class ConsulRegistrar:
         self._check_timeout_s = check_timeout_s if check_timeout_s is not None else min(interval_s, 10.0)
         self._ttl_s = ttl_s
         self._deregister_after = deregister_critical_after
-        self._grpc_target = _hostport(address, port) + (f"/{grpc_service}" if grpc_service else "")
+        # check_port: a plaintext health-only listener when the service port speaks TLS.
+        self._grpc_target = _hostport(address, check_port or port) + (f"/{grpc_service}" if grpc_service else "")
         self._grpc_use_tls = grpc_use_tls
         self._weight = weight
         self._request_timeout_s = request_timeout_s
