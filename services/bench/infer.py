@@ -1,6 +1,6 @@
 """The ``infer`` suite: every system on the same inputs, one system at a time, on the same machine.
 
-Order per workload: single process (in this process, nothing else running), then the mesh (direct and
+Order per workload: single process (one child, nothing else running), then the mesh (direct and
 relay), then the torch.distributed.rpc peer; each system's processes are stopped before the next one
 starts, so systems never compete for the cores.
 """
@@ -72,7 +72,7 @@ def run_workload(workload: Workload, plan: BenchPlan, progress: Progress) -> lis
         progress(f"{workload.label}: {message}")
 
     say(f"single process, {workload.requests} requests back to back")
-    single, reference, single_threads = run_single(workload, ids, mask, plan.single_threads, say)
+    single, reference, single_threads = run_single(workload, ids, mask, plan.single_threads, plan.start_timeout_s, say)
     sizes = WireSizes(
         ids_bytes=ids.nbytes,
         mask_bytes=mask.nbytes,

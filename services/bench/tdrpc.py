@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 from torch.distributed import rpc
 
 from services.bench.load import closed_loop_threads
+from services.bench.procs import run_spawned
 from services.bench.records import (
     SYSTEM_TORCH_RPC,
     SYSTEM_TORCH_RPC_SHM,
@@ -64,7 +64,6 @@ RPC_UV = RpcVariant(SYSTEM_TORCH_RPC, ("uv",), ("cma", "basic"))
 RPC_SHM = RpcVariant(SYSTEM_TORCH_RPC_SHM, None, None)
 RPC_VARIANTS = {v.system: v for v in (RPC_UV, RPC_SHM)}
 SHUTDOWN_TIMEOUT_S = 30.0
-REAP_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -218,30 +217,7 @@ def run_torch_rpc(
             variant=variant,
         )  # fmt: skip
         progress(f"{variant.system}: starting driver + {len(workload.split)} stage processes ({variant.describe()})")
-        context = mp.start_processes(_rank_main, args=(job,), nprocs=len(job.split) + 1, join=False, start_method="spawn")
-        try:
-            _join(context, job.budget_s)
-        finally:
-            _reap(context)
+        run_spawned(_rank_main, (job,), nprocs=len(job.split) + 1, budget_s=job.budget_s)
         runs = json.loads(Path(job.result_path).read_text())["runs"]
     progress(f"{variant.system}: done")
     return [Outcome(variant.system, run["concurrency"], _from_json(run), plan.worker_threads) for run in runs]
-
-
-def _join(context: mp.ProcessContext, budget_s: float) -> None:
-    """Waits for every process; raises if one fails (torch then ends the others) or the budget runs out."""
-    deadline = time.monotonic() + budget_s
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"torch.distributed.rpc run did not finish within {budget_s:.0f}s")
-
-
-def _reap(context: mp.ProcessContext) -> None:
-    for process in context.processes:
-        if process.is_alive():
-            process.terminate()
-    for process in context.processes:
-        process.join(REAP_TIMEOUT_S)
-        if process.is_alive():
-            process.kill()
-            process.join(REAP_TIMEOUT_S)
