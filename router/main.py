@@ -13,6 +13,7 @@ from services.discovery.base import Discovery
 from services.discovery.url import build_discovery, parse_discovery
 from services.gen.shardmesh.v1 import router_pb2, router_pb2_grpc
 from services.lifecycle import ServerLifecycle
+from services.memory import limit_malloc_arenas
 from services.telemetry import setup_logging, start_metrics
 from services.wire import codec
 from router.core import RouterCore
@@ -112,6 +113,7 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None) -> int
 
 
 def run(args: argparse.Namespace) -> int:
+    limit_malloc_arenas()
     config = RouterConfig.from_args(args)
     setup_logging(config.log_level, "router")
     return asyncio.run(serve(config))

@@ -38,7 +38,12 @@ class ServerLifecycle:
         self.component = component
         # Beyond this many concurrent RPCs gRPC answers RESOURCE_EXHAUSTED before a handler runs, so a flood of
         # unary calls cannot queue unbounded request bodies in memory.
-        self.server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs)
+        # The same number caps HTTP/2 streams per connection, so a flooding client queues its calls locally
+        # instead of pushing their bodies into this process.
+        options = SERVER_OPTIONS if max_concurrent_rpcs is None else (
+            *SERVER_OPTIONS, ("grpc.max_concurrent_streams", max_concurrent_rpcs)
+        )
+        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
         self.health = health.aio.HealthServicer()
         self._service_names = tuple(service_names)
         self._tls = tls

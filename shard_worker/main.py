@@ -11,6 +11,7 @@ import torch
 from services.config import WorkerConfig
 from services.gen.shardmesh.v1 import worker_pb2, worker_pb2_grpc
 from services.lifecycle import ServerLifecycle
+from services.memory import limit_malloc_arenas
 from services.models.registry import load_stage, resolve_model
 from services.telemetry import setup_logging, start_metrics
 from services.wire import codec, shm
@@ -105,6 +106,7 @@ async def serve(config: WorkerConfig) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    limit_malloc_arenas()
     config = WorkerConfig.from_args(args)
     setup_logging(config.log_level, "worker")
     return asyncio.run(serve(config))

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
+from services.bench import noise
 from services.bench.records import Measurement, RequestSample
 
 
@@ -25,8 +26,8 @@ class _Tally:
         self.failures += 1
         self.first_failure = self.first_failure or f"{type(exc).__name__}: {exc}"[:500]
 
-    def measurement(self, wall_s: float, concurrency: int, matches: bool | None) -> Measurement:
-        return Measurement(tuple(self.samples), wall_s, concurrency, self.failures, self.first_failure, matches)
+    def measurement(self, wall_s: float, concurrency: int, matches: bool | None, background: float | None) -> Measurement:
+        return Measurement(tuple(self.samples), wall_s, concurrency, self.failures, self.first_failure, matches, background)
 
 
 async def closed_loop_async(
@@ -36,6 +37,7 @@ async def closed_loop_async(
     concurrency: int,
     timeout_s: float,
     matches: Callable[[], bool | None] = lambda: None,
+    bench_pid: int | None = None,
 ) -> Measurement:
     """Runs ``call(i)`` for i in 0..requests-1 from ``concurrency`` coroutines; ``timeout_s`` bounds it all."""
     tally = _Tally()
@@ -49,9 +51,11 @@ async def closed_loop_async(
                 tally.fail(exc)
                 return
 
+    before = noise.snapshot(bench_pid)
     started = time.perf_counter()
     await asyncio.wait_for(asyncio.gather(*(client() for _ in range(concurrency))), timeout_s)
-    return tally.measurement(time.perf_counter() - started, concurrency, matches())
+    wall_s = time.perf_counter() - started
+    return tally.measurement(wall_s, concurrency, matches(), noise.background_cores(before, noise.snapshot(bench_pid)))
 
 
 def closed_loop_threads(
@@ -61,6 +65,7 @@ def closed_loop_threads(
     concurrency: int,
     timeout_s: float,
     matches: Callable[[], bool | None] = lambda: None,
+    bench_pid: int | None = None,
 ) -> Measurement:
     """Thread version for blocking clients (torch.distributed.rpc's ``rpc_sync``).
 
@@ -87,6 +92,7 @@ def closed_loop_threads(
                 tally.samples.append(sample)
 
     threads = [threading.Thread(target=client, name=f"bench-client-{i}", daemon=True) for i in range(concurrency)]
+    before = noise.snapshot(bench_pid)
     started = time.perf_counter()
     for t in threads:
         t.start()
@@ -95,4 +101,5 @@ def closed_loop_threads(
         t.join(max(0.0, deadline - time.perf_counter()))
     if any(t.is_alive() for t in threads):
         raise TimeoutError(f"closed loop of {requests} requests did not finish within {timeout_s:.0f}s")
-    return tally.measurement(time.perf_counter() - started, concurrency, matches())
+    wall_s = time.perf_counter() - started
+    return tally.measurement(wall_s, concurrency, matches(), noise.background_cores(before, noise.snapshot(bench_pid)))

@@ -48,6 +48,7 @@ class Measurement:
     failures: int = 0
     first_failure: str = ""
     matches_single: bool | None = None  # output bit-identical to the single-process output (None = not checked)
+    background_cores: float | None = None  # cores busy with work outside the bench while measuring
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class BenchRow:
     requests: int
     threads: int
     matches_single: bool | None = None
+    background_cores: float | None = None  # other work on the machine during this row's measurement
     note: str = ""
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -14,6 +14,7 @@ COLUMNS = (
     ("throughput_rps", "req/s"), ("ratio_to_single", "p50 / single"), ("throughput_ratio", "req/s / single"),
     ("compute_ms", "compute ms"), ("hop_overhead_ms", "hop overhead ms"), ("hop_queue_ms", "of which queue ms"), ("transfer_gbps", "GB/s per dir"),
     ("activation_bytes", "activation"), ("threads", "threads"), ("matches_single", "same output"),
+    ("background_cores", "others' cores"),
 )  # fmt: skip
 
 

@@ -14,6 +14,7 @@ is fastest here.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from services.bench import noise
 from services.bench.procs import run_spawned
 from services.bench.records import Measurement, RequestSample
 from services.bench.stats import percentile
@@ -56,7 +58,8 @@ def run_single(
         result = torch.load(job.result_path, weights_only=True)
     progress(str(result["choice"]))
     samples = tuple(RequestSample(float(ms)) for ms in result["latencies_ms"])
-    measurement = Measurement(samples, float(result["wall_s"]), 1, matches_single=True)
+    background = result["background_cores"]
+    measurement = Measurement(samples, float(result["wall_s"]), 1, matches_single=True, background_cores=background)
     return measurement, result["reference"], int(result["threads"])
 
 
@@ -74,16 +77,16 @@ def _single_main(_: int, job: SingleJob) -> None:
         torch.set_num_threads(threads)
         reference = stage.forward(ids, mask).clone()
         latencies = []
+        before = noise.snapshot(os.getppid())
         started = time.perf_counter()
         for _ in range(job.workload.requests):
             t0 = time.perf_counter()
             stage.forward(ids, mask)
             latencies.append(1000 * (time.perf_counter() - t0))
         wall_s = time.perf_counter() - started
-    torch.save(
-        {"latencies_ms": latencies, "wall_s": wall_s, "threads": threads, "choice": choice, "reference": reference},
-        job.result_path,
-    )
+        background = noise.background_cores(before, noise.snapshot(os.getppid()))
+    result = {"latencies_ms": latencies, "wall_s": wall_s, "threads": threads, "choice": choice}
+    torch.save({**result, "reference": reference, "background_cores": background}, job.result_path)
 
 
 def _fastest_threads(forward: Callable[[], object], candidates: tuple[int, ...]) -> tuple[int, str]:

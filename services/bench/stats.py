@@ -124,7 +124,8 @@ def summarise(outcome: Outcome, single: Measurement, workload: Workload, sizes: 
         compute_ms=None, hop_overhead_ms=None, hop_queue_ms=None, transfer_gbps=None,
         activation_bytes=sizes.activation_bytes, batch=workload.batch, seq_len=workload.seq_len,
         stages=len(workload.split), requests=len(m.samples) if m else 0, threads=outcome.threads,
-        matches_single=m.matches_single if m else None, note=outcome.note, error=error,
+        matches_single=m.matches_single if m else None,
+        background_cores=m.background_cores if m else None, note=outcome.note, error=error,
     )  # fmt: skip
     if m is None or not m.samples:
         return replace(row, error=error or "no request succeeded")

@@ -176,6 +176,7 @@ def _drive(job: RpcJob) -> None:
             concurrency=concurrency,
             timeout_s=job.request_timeout_s * (requests / concurrency + 1),
             matches=lambda: first[0] if first else None,
+            bench_pid=os.getppid(),
         )
         runs.append(_to_json(m))
     Path(job.result_path).write_text(json.dumps({"runs": runs}))
@@ -188,13 +189,17 @@ def _to_json(m: Measurement) -> dict[str, Any]:
         "failures": m.failures,
         "first_failure": m.first_failure,
         "matches_single": m.matches_single,
+        "background_cores": m.background_cores,
         "samples": [[s.latency_ms, [[h.hop_ms, h.compute_ms, h.queue_ms, h.bytes_moved] for h in s.hops]] for s in m.samples],
     }
 
 
 def _from_json(run: dict[str, Any]) -> Measurement:
     samples = tuple(RequestSample(lat, tuple(HopSample(*h) for h in hops)) for lat, hops in run["samples"])
-    return Measurement(samples, run["wall_s"], run["concurrency"], run["failures"], run["first_failure"], run["matches_single"])
+    return Measurement(
+        samples, run["wall_s"], run["concurrency"], run["failures"], run["first_failure"], run["matches_single"],
+        run["background_cores"],
+    )  # fmt: skip
 
 
 def run_torch_rpc(

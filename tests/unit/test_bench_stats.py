@@ -129,3 +129,12 @@ def test_plan_quick_and_concurrency() -> None:
 @pytest.mark.parametrize("suite", ["failover", "generate"])
 def test_unimplemented_suites_exit_2(suite: str) -> None:
     assert run(argparse.Namespace(suite=suite), environ={}) == NOT_IMPLEMENTED_EXIT
+
+
+def test_background_cores_subtracts_own_cpu() -> None:
+    from services.bench.noise import CpuSnapshot, background_cores, snapshot
+
+    before, after = CpuSnapshot(busy_s=10.0, own_s=4.0, at=100.0), CpuSnapshot(busy_s=16.0, own_s=7.0, at=102.0)
+    assert background_cores(before, after) == pytest.approx(1.5)  # (6 - 3) s of others' CPU over 2 s
+    assert background_cores(None, after) is None
+    assert snapshot() is not None  # Linux /proc is readable here
