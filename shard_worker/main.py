@@ -67,7 +67,7 @@ async def serve(config: WorkerConfig) -> int:
         )
     expiry = sessions.start() if sessions else None
     core = WorkerCore(
-        stage, engine, config.max_tensor_bytes, address, codec.dtype_from_name(config.wire_dtype), Relay(peers, worker_id), config.use_shm,
+        stage, engine, config.max_tensor_bytes, address, codec.dtype_from_name(config.wire_dtype), Relay(peers, worker_id, config.use_shm), config.use_shm,
         sessions,
     )
     servicer.attach(core)

@@ -18,14 +18,16 @@ from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
 from services.transport.pool import PeerPool
 from services.transport.stream_client import downstream_budget
 from services.wire import codec, placement
+from services.wire.shm import is_colocated
 
 _UNDELIVERED = (Unavailable, DeadlineExceeded)
 
 
 class Relay:
-    def __init__(self, pool: PeerPool, worker_id: str) -> None:
+    def __init__(self, pool: PeerPool, worker_id: str, use_shm: bool = True) -> None:
         self._pool = pool
         self._worker_id = worker_id
+        self._use_shm = use_shm
 
     @staticmethod
     def check_route(request: worker_pb2.ForwardRequest, span_end: int, total_layers: int) -> None:
@@ -66,6 +68,9 @@ class Relay:
             source=tensor_pb2.SOURCE_UPSTREAM_WORKER,
             source_worker_id=self._worker_id,
             reply_dtype=request.reply_dtype,
+            # The final output returns through this worker untouched: a shm handle is fine if the caller
+            # that will read it shares this host with the next worker (so with every hop after it).
+            reply_shm=request.reply_shm and self._use_shm and is_colocated(nxt.address),
             session_id=request.session_id,
             position=request.position,
             session_ttl_s=request.session_ttl_s,

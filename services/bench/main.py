@@ -15,6 +15,8 @@ from collections.abc import Mapping
 # suite -> "module:function"; the function takes (args, environ) and returns an exit code.
 SUITES: dict[str, str] = {
     "infer": "services.bench.infer:run",
+    "failover": "services.bench.failover:run",
+    "generate": "services.bench.generate:run",
 }
 NOT_IMPLEMENTED_EXIT = 2
 
