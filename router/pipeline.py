@@ -219,6 +219,7 @@ class Pipeline:
             input=await _pack(stage_input, colocated),
             reply_shm=colocated,
             reply_dtype=self._settings.wire_dtype,
+            hop_timeout_ms=int(self._settings.hop_timeout_s * 1000),
             layers=tensor_pb2.LayerRange(start=first.span.start, end=first.span.end),
             model_checksum=checksum,
             timeout_ms=max(1, int(downstream_budget(timeout) * 1000)),

@@ -53,6 +53,8 @@ class Relay:
     ) -> worker_pb2.ForwardResponse:
         nxt = request.downstream[0]
         remaining = (deadline - time.monotonic()) if deadline is not None else 30.0
+        if request.hop_timeout_ms:  # each hop after this one gets the caller's per-hop allowance at most
+            remaining = min(remaining, request.hop_timeout_ms / 1000.0 * len(request.downstream))
         if remaining <= 0:
             raise DeadlineExceeded(
                 f"deadline exceeded at hop {self._worker_id} before relaying to {nxt.worker_id}",
@@ -68,6 +70,7 @@ class Relay:
             source=tensor_pb2.SOURCE_UPSTREAM_WORKER,
             source_worker_id=self._worker_id,
             reply_dtype=request.reply_dtype,
+            hop_timeout_ms=request.hop_timeout_ms,
             # The final output returns through this worker untouched: a shm handle is fine if the caller
             # that will read it shares this host with the next worker (so with every hop after it).
             reply_shm=request.reply_shm and self._use_shm and is_colocated(nxt.address),
