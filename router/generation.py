@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from services.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ShardmeshError, Unavailable
+from services.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from services.gen.shardmesh.v1 import router_pb2, worker_pb2
 from services.models.generation import SamplingParams, StopRule, next_token, sampling_generator, streamable_length
 from services.telemetry import FAILOVERS

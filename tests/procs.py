@@ -166,3 +166,16 @@ def wait_serving(address: str, timeout_s: float = START_TIMEOUT_S) -> None:
                 pass
             time.sleep(0.1)
     raise AssertionError(f"{address} not SERVING within {timeout_s}s")
+
+
+def describe_all(mesh: UpMesh) -> dict[str, object]:
+    """Each worker's Describe reply (capacity counts tell what state a worker still holds)."""
+    import grpc
+
+    from services.gen.shardmesh.v1 import worker_pb2, worker_pb2_grpc
+
+    replies: dict[str, object] = {}
+    for name, info in mesh.workers.items():
+        with grpc.insecure_channel(info["address"]) as channel:
+            replies[name] = worker_pb2_grpc.ShardWorkerStub(channel).Describe(worker_pb2.DescribeRequest(), timeout=5)
+    return replies

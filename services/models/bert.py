@@ -18,7 +18,7 @@ from transformers import BertConfig
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
 
-from services.errors import ConfigError, InvalidArgument
+from services.errors import ConfigError
 from services.layers import LayerSpan
 from services.models.base import SpanStage, ModelSource
 from services.models.sentence_config import read_sentence_config

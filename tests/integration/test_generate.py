@@ -18,7 +18,7 @@ from services.errors import ResourceExhausted
 from services.gen.shardmesh.v1 import worker_pb2, worker_pb2_grpc
 from services.models.registry import resolve_model
 from services.wire import codec
-from tests.procs import UpMesh, mesh_up
+from tests.procs import UpMesh, describe_all, mesh_up
 
 pytestmark = [pytest.mark.integration]
 
@@ -41,12 +41,7 @@ _models: dict[str, object] = {}
 
 
 def _sessions(mesh: UpMesh) -> dict[str, int]:
-    counts = {}
-    for name, info in mesh.workers.items():
-        with grpc.insecure_channel(info["address"]) as channel:
-            reply = worker_pb2_grpc.ShardWorkerStub(channel).Describe(worker_pb2.DescribeRequest(), timeout=5)
-        counts[name] = reply.capacity.sessions
-    return counts
+    return {name: reply.capacity.sessions for name, reply in describe_all(mesh).items()}  # type: ignore[attr-defined]
 
 
 def _until(probe, accept, timeout_s: float = 20.0):  # type: ignore[no-untyped-def]

@@ -9,15 +9,14 @@ import signal
 import time
 from collections.abc import Iterator
 
-import grpc
 import pytest
 import torch
 
 from services.client import AsyncRouterClient, RouterClient, build_request
 from services.errors import DeadlineExceeded
-from services.gen.shardmesh.v1 import router_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc
+from services.gen.shardmesh.v1 import router_pb2_grpc, tensor_pb2
 from services.models.registry import resolve_model
-from tests.procs import UpMesh, mesh_up
+from tests.procs import UpMesh, describe_all, mesh_up
 
 pytestmark = [pytest.mark.integration]
 
@@ -30,12 +29,7 @@ def mesh() -> Iterator[UpMesh]:
 
 
 def _inflight(mesh: UpMesh) -> dict[str, int]:
-    out = {}
-    for name, info in mesh.workers.items():
-        with grpc.insecure_channel(info["address"]) as channel:
-            reply = worker_pb2_grpc.ShardWorkerStub(channel).Describe(worker_pb2.DescribeRequest(), timeout=5)
-            out[name] = reply.capacity.inflight
-    return out
+    return {name: reply.capacity.inflight for name, reply in describe_all(mesh).items()}  # type: ignore[attr-defined]
 
 
 def _wait_no_state(mesh: UpMesh, timeout_s: float = 10.0) -> dict[str, int]:

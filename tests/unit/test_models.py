@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from services.errors import ConfigError, InvalidArgument, NotFound
+from services.errors import ConfigError, InvalidArgument
 from services.layers import LayerSpan
 from services.models.base import ModelSource
 from services.models.registry import load_stage, load_tokenizer, resolve_model
