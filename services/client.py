@@ -83,6 +83,13 @@ def build_request(
     return req
 
 
+def _router_error(exc: grpc.aio.AioRpcError, address: str) -> Exception:
+    err = from_rpc_error(exc, address=address)
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (exc.details() or "").lower():
+        err.message = f"cannot reach the router at {address} (is `shardmesh router` or `shardmesh up` running?): {err.message}"
+    return err
+
+
 class AsyncRouterClient:
     """One channel to a router; use as ``async with AsyncRouterClient(addr) as c: await c.infer(text=...)``."""
 
@@ -119,7 +126,7 @@ class AsyncRouterClient:
         try:
             reply = await self._stub.Infer(build_request(**kwargs), timeout=timeout_s)  # type: ignore[arg-type]
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, address=self.address) from None
+            raise _router_error(exc, self.address) from None
         return InferResult.from_proto(reply)
 
     async def infer_raw(self, request: router_pb2.InferRequest, timeout_s: float = 60.0) -> router_pb2.InferResponse:
@@ -137,7 +144,7 @@ class AsyncRouterClient:
             async for event in call:
                 yield event
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, address=self.address) from None
+            raise _router_error(exc, self.address) from None
         finally:
             call.cancel()  # no-op when finished; frees the session at once if the caller stopped early
 
