@@ -9,6 +9,8 @@ from explicit position ids, so nothing but hidden states travels between stages.
 
 from __future__ import annotations
 
+from typing import Any
+
 from collections.abc import Sequence
 
 import torch
@@ -108,20 +110,25 @@ class LlamaStage(SpanStage):
                 past_key_values=cache,
                 position_ids=position_ids,
             )
-            position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
-            for layer in self.layers:
-                hidden = layer(
-                    hidden,
-                    attention_mask=mask,
-                    position_embeddings=position_embeddings,
-                    position_ids=position_ids,
-                    past_key_values=cache,
-                    use_cache=cache is not None,
-                )
+            hidden = self._layers(hidden, mask, position_ids, cache)
             if self.norm is None or self.lm_head is None:
                 return hidden
             normed = self.norm(hidden)
             return self.lm_head(normed[:, -1:, :] if last_logits_only else normed)
+
+    def _layers(self, hidden: torch.Tensor, mask: Any, position_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        """This stage's decoder layers, as LlamaModel runs them (one rotary table for all layers)."""
+        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        for layer in self.layers:
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=cache,  # a Cache, or the duck-typed LeftPaddedBatchCache (update only)
+                use_cache=cache is not None,
+            )
+        return hidden
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -189,17 +196,7 @@ class LlamaStage(SpanStage):
         with torch.inference_mode():
             hidden = self.embed_tokens(x) if self.embed_tokens is not None else x
             position_ids = torch.tensor(positions).unsqueeze(1)
-            position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
-            mask = batch_cache.attention_mask()
-            for layer in self.layers:
-                hidden = layer(
-                    hidden,
-                    attention_mask=mask,
-                    position_embeddings=position_embeddings,
-                    position_ids=position_ids,
-                    past_key_values=batch_cache,  # type: ignore[arg-type]  # duck-typed Cache (update only)
-                    use_cache=True,
-                )
+            hidden = self._layers(hidden, batch_cache.attention_mask(), position_ids, batch_cache)
             if self.norm is None or self.lm_head is None:
                 return hidden
             return self.lm_head(self.norm(hidden))
