@@ -26,7 +26,7 @@ from services.gen.shardmesh.v1 import router_pb2, worker_pb2
 from services.models.generation import SamplingParams, StopRule, next_token, sampling_generator, streamable_length
 from services.telemetry import FAILOVERS
 from router.peers import WorkerPool
-from router.pipeline import Pipeline, _unpack
+from router.pipeline import Pipeline, unpack_trusted
 from router.planning.balancer import choose_replica
 from router.planning.types import WorkerInfo
 from router.topology import Topology
@@ -190,12 +190,12 @@ class GenerationService:
         key = (session.session_id, position)
         if session.relay:
             response, _ = await self._pipeline._call(session.route, call_id, x, None, session.checksum, deadline, key)
-            out = await _unpack(response.output, "output")
+            out = await unpack_trusted(response.output, "output")
         else:
             out = x
             for worker in session.route:
                 response, _ = await self._pipeline._call([worker], call_id, out, None, session.checksum, deadline, key)
-                out = await _unpack(response.output, "output")
+                out = await unpack_trusted(response.output, "output")
         if advance:
             session.position = position + len(ids)
         return out
