@@ -3,6 +3,7 @@ relay mode; nothing is left in /dev/shm afterwards."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,22 +17,32 @@ from tests.procs import mesh_up
 pytestmark = [pytest.mark.integration]
 
 
-def _segments() -> set[str]:
-    return {p.name for p in Path(SHM_DIR).iterdir() if p.name.startswith(SHM_PREFIX)}
-
-
-def test_shared_memory_hops_are_exact_and_clean_up() -> None:
+@pytest.fixture(scope="module")
+def wide() -> Callable[[int, tuple[int, int]], tuple[torch.Tensor, torch.Tensor]]:
+    """Seeded token ids for tiny-llama-wide and their logits from transformers' single-process model."""
     from transformers import LlamaForCausalLM
 
     source = resolve_model("tiny-llama-wide")
     model = LlamaForCausalLM.from_pretrained(str(source.model_dir), torch_dtype=torch.float32).eval()
-    ids = torch.randint(0, source.vocab_size, (2, 640), generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        expected = model(input_ids=ids).logits
+
+    def make(seed: int, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.randint(0, source.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode():
+            return ids, model(input_ids=ids).logits
+
+    return make
+
+
+def _segments() -> set[str]:
+    return {p.name for p in Path(SHM_DIR).iterdir() if p.name.startswith(SHM_PREFIX)}
+
+
+def test_shared_memory_hops_are_exact_and_clean_up(wide) -> None:  # type: ignore[no-untyped-def]
+    ids, expected = wide(3, (2, 640))
     before = _segments()
     config = {"model": "tiny-llama-wide", "workers": [{"layers": "0:3"}, {"layers": "3:6"}, {"layers": "6:8"}]}
     with mesh_up(config) as mesh, RouterClient(mesh.router) as client:
-        hidden_bytes = 2 * 640 * source.hidden_size * 4
+        hidden_bytes = 2 * 640 * resolve_model("tiny-llama-wide").hidden_size * 4
         assert hidden_bytes >= 1 << 20
         for mode in ("direct", "relay"):
             result = client.infer(tensor=ids, mode=mode)
@@ -41,14 +52,8 @@ def test_shared_memory_hops_are_exact_and_clean_up() -> None:
     assert _segments() - before == set(), "shared-memory segments leaked"
 
 
-def test_chunked_bytes_without_shared_memory_are_exact() -> None:
-    from transformers import LlamaForCausalLM
-
-    source = resolve_model("tiny-llama-wide")
-    model = LlamaForCausalLM.from_pretrained(str(source.model_dir), torch_dtype=torch.float32).eval()
-    ids = torch.randint(0, source.vocab_size, (2, 640), generator=torch.Generator().manual_seed(4))
-    with torch.inference_mode():
-        expected = model(input_ids=ids).logits
+def test_chunked_bytes_without_shared_memory_are_exact(wide) -> None:  # type: ignore[no-untyped-def]
+    ids, expected = wide(4, (2, 640))
     config = {
         "model": "tiny-llama-wide",
         "workers": [{"layers": "0:4"}, {"layers": "4:8"}],
@@ -64,7 +69,7 @@ def test_chunked_bytes_without_shared_memory_are_exact() -> None:
 
 
 @pytest.mark.parametrize("wire", ["float16", "bfloat16"])
-def test_reduced_wire_dtype_stays_within_its_bound(wire: str) -> None:
+def test_reduced_wire_dtype_stays_within_its_bound(wide, wire: str) -> None:  # type: ignore[no-untyped-def]
     """Activations rounded to a 16-bit float once per hop: the output error stays small and bounded.
 
     Rounding to float16 has relative error <= 2**-11 per element (bfloat16: 2**-8); one rounding of the
@@ -72,13 +77,7 @@ def test_reduced_wire_dtype_stays_within_its_bound(wire: str) -> None:
     measured bound asserted here (0.1% of the logits' range for float16, 1% for bfloat16; about 10x the measured error) is what
     docs/benchmarks.md states.
     """
-    from transformers import LlamaForCausalLM
-
-    source = resolve_model("tiny-llama-wide")
-    model = LlamaForCausalLM.from_pretrained(str(source.model_dir), torch_dtype=torch.float32).eval()
-    ids = torch.randint(0, source.vocab_size, (1, 256), generator=torch.Generator().manual_seed(5))
-    with torch.inference_mode():
-        expected = model(input_ids=ids).logits
+    ids, expected = wide(5, (1, 256))
     config = {"model": "tiny-llama-wide", "workers": [{"layers": "0:4"}, {"layers": "4:8"}], "worker_args": ["--wire-dtype", wire]}
     with mesh_up(config) as mesh, RouterClient(mesh.router) as client:
         result = client.infer(tensor=ids)
