@@ -60,6 +60,18 @@ class Cancelled(ShardmeshError):
     """The caller went away."""
 
 
+class AlreadyExists(ShardmeshError):
+    """A request with this id (or a session with this key) is already in flight."""
+
+
+class PermissionDenied(ShardmeshError):
+    """The caller is known but may not do this (wrong tenant, unsigned route, someone else's session)."""
+
+
+class Unauthenticated(ShardmeshError):
+    """The caller presented no credentials, or credentials this server does not accept."""
+
+
 class ConfigError(ShardmeshError):
     """Bad configuration or command-line input: reported to the user, never a traceback."""
 
@@ -73,6 +85,9 @@ STATUS_TABLE: dict[type[BaseException], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Cancelled: grpc.StatusCode.CANCELLED,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ShardmeshError: grpc.StatusCode.INTERNAL,
 }
 

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("request_id", "input", "attention_mask", "layers", "model_checksum", "timeout_ms", "cancel", "downstream", "mode", "source", "source_worker_id", "upstream_hops", "session_id", "position", "session_ttl_s", "return_logits_only_last", "reply_shm", "reply_dtype", "hop_timeout_ms")
+    __slots__ = ("request_id", "input", "attention_mask", "layers", "model_checksum", "timeout_ms", "cancel", "downstream", "mode", "source", "source_worker_id", "upstream_hops", "session_id", "position", "session_ttl_s", "return_logits_only_last", "reply_shm", "reply_dtype", "hop_timeout_ms", "route_mac", "route_expires_ms", "session_key")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,9 @@ class ForwardRequest(_message.Message):
     REPLY_SHM_FIELD_NUMBER: _ClassVar[int]
     REPLY_DTYPE_FIELD_NUMBER: _ClassVar[int]
     HOP_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_MAC_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input: _tensor_pb2.Tensor
     attention_mask: _tensor_pb2.Tensor
@@ -47,7 +50,10 @@ class ForwardRequest(_message.Message):
     reply_shm: bool
     reply_dtype: _tensor_pb2.DType
     hop_timeout_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., layers: _Optional[_Union[_tensor_pb2.LayerRange, _Mapping]] = ..., model_checksum: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., cancel: _Optional[bool] = ..., downstream: _Optional[_Iterable[_Union[_tensor_pb2.RouteHop, _Mapping]]] = ..., mode: _Optional[_Union[_tensor_pb2.Mode, str]] = ..., source: _Optional[_Union[_tensor_pb2.Source, str]] = ..., source_worker_id: _Optional[str] = ..., upstream_hops: _Optional[_Iterable[_Union[_tensor_pb2.HopRecord, _Mapping]]] = ..., session_id: _Optional[str] = ..., position: _Optional[int] = ..., session_ttl_s: _Optional[int] = ..., return_logits_only_last: _Optional[bool] = ..., reply_shm: _Optional[bool] = ..., reply_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., hop_timeout_ms: _Optional[int] = ...) -> None: ...
+    route_mac: bytes
+    route_expires_ms: int
+    session_key: bytes
+    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., layers: _Optional[_Union[_tensor_pb2.LayerRange, _Mapping]] = ..., model_checksum: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., cancel: _Optional[bool] = ..., downstream: _Optional[_Iterable[_Union[_tensor_pb2.RouteHop, _Mapping]]] = ..., mode: _Optional[_Union[_tensor_pb2.Mode, str]] = ..., source: _Optional[_Union[_tensor_pb2.Source, str]] = ..., source_worker_id: _Optional[str] = ..., upstream_hops: _Optional[_Iterable[_Union[_tensor_pb2.HopRecord, _Mapping]]] = ..., session_id: _Optional[str] = ..., position: _Optional[int] = ..., session_ttl_s: _Optional[int] = ..., return_logits_only_last: _Optional[bool] = ..., reply_shm: _Optional[bool] = ..., reply_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., hop_timeout_ms: _Optional[int] = ..., route_mac: _Optional[bytes] = ..., route_expires_ms: _Optional[int] = ..., session_key: _Optional[bytes] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("request_id", "output", "hops", "error")
@@ -110,10 +116,12 @@ class DescribeResponse(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., layers: _Optional[_Union[_tensor_pb2.LayerRange, _Mapping]] = ..., total_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., weights_checksum: _Optional[str] = ..., version: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., state: _Optional[str] = ..., address: _Optional[str] = ..., hidden_size: _Optional[int] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "session_key")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    session_key: bytes
+    def __init__(self, session_id: _Optional[str] = ..., session_key: _Optional[bytes] = ...) -> None: ...
 
 class CloseSessionResponse(_message.Message):
     __slots__ = ("existed",)
