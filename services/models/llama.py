@@ -107,7 +107,7 @@ class LlamaStage(SpanStage):
                 config=self.config,
                 inputs_embeds=hidden,
                 attention_mask=attention_mask,
-                past_key_values=cache,
+                cache=cache,
                 position_ids=position_ids,
             )
             hidden = self._layers(hidden, mask, position_ids, cache)
@@ -125,7 +125,7 @@ class LlamaStage(SpanStage):
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=cache,  # a Cache, or the duck-typed LeftPaddedBatchCache (update only)
+                cache=cache,  # a Cache, or the duck-typed LeftPaddedBatchCache (update only)
                 use_cache=cache is not None,
             )
         return hidden

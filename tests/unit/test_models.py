@@ -173,6 +173,28 @@ def test_llama_run_with_cache_continues_the_sequence(tiny_llama: ModelSource) ->
     assert [len(cache.layers) for cache in caches] == [2, 4]  # each stage caches only its own layers
 
 
+def test_model_code_uses_no_deprecated_transformers_api(tiny_llama: ModelSource, minilm: ModelSource) -> None:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` and warns until 5.40 removes the old name:
+    every path our stages take (full pass, session prefill and decode, batched decode, BERT) must run
+    with deprecation warnings turned into errors."""
+    from services.models.kv_cache import SessionCache
+
+    llama: Any = load_stage(tiny_llama, LayerSpan(0, 6))
+    bert = load_stage(minilm, LayerSpan(0, 6))
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", PendingDeprecationWarning)
+        llama.forward(ids, torch.ones_like(ids))
+        first, second = SessionCache("a"), SessionCache("b")
+        llama.step(ids, session_cache=first, position=0)
+        llama.step(ids[:, :2], session_cache=second, position=0)
+        llama.step(torch.tensor([[7]]), session_cache=first, position=4)
+        llama.step_batch([(torch.tensor([[3]]), first, 5), (torch.tensor([[4]]), second, 2)])
+        bert.forward(torch.tensor([[101, 2000, 102]]), torch.ones(1, 3, dtype=torch.int64))
+
+
 # --- only own weights -------------------------------------------------------------------------------
 
 
