@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from services.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from services.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.gen.shardmesh.v1 import router_pb2, tensor_pb2
 from services.models.registry import load_tokenizer, resolve_model
 from services.telemetry import INFLIGHT
@@ -44,6 +45,24 @@ class RouterCore:
         self.generation = generation
         self._tokenizer_model = tokenizer_model
         self._tokenizers = TokenizerCache(lambda model: load_tokenizer(resolve_model(model)))
+        self._claimed: set[tuple[str, str]] = set()  # (kind, client id) of requests in flight
+
+    @contextlib.contextmanager
+    def _claim(self, kind: str, client_id: str) -> Iterator[None]:
+        """A client's id may be in flight once per router; a second request with it is ALREADY_EXISTS."""
+        key = (kind, client_id)
+        if client_id and key in self._claimed:
+            raise AlreadyExists(
+                f"{kind} request id {client_id!r} is already in flight in this router; "
+                "wait for it to finish, or send each concurrent request with its own id"
+            )
+        if client_id:
+            self._claimed.add(key)
+        try:
+            yield
+        finally:
+            if client_id:
+                self._claimed.discard(key)
 
     def _tokenizer(self) -> Any:
         model = self._tokenizer_model
@@ -62,7 +81,8 @@ class RouterCore:
         self.inflight += 1
         INFLIGHT.labels(component="router").inc()
         try:
-            return await self._infer(request, time_remaining)
+            with self._claim("infer", request.request_id):
+                return await self._infer(request, time_remaining)
         finally:
             self.inflight -= 1
             INFLIGHT.labels(component="router").dec()
@@ -115,10 +135,11 @@ class RouterCore:
         request_id = request.session_id or request.request_id or uuid.uuid4().hex
         self.inflight += 1
         try:
-            async for event in self.generation.generate(
-                request, prompt_ids, tokenizer, deadline, request_id, relay=mode == tensor_pb2.MODE_RELAY
-            ):
-                yield event
+            with self._claim("generate", request.session_id or request.request_id):
+                async for event in self.generation.generate(
+                    request, prompt_ids, tokenizer, deadline, request_id, relay=mode == tensor_pb2.MODE_RELAY
+                ):
+                    yield event
         finally:
             self.inflight -= 1
 

@@ -7,6 +7,12 @@ router picks a healthy route, opens a fresh session there (a new id, so no worke
 the old one) and replays the same steps from position 0, which rebuilds every cache exactly as it was
 (same steps, same positions, checked by the workers), then continues. The sampler's state is never
 replayed, so seeded sampling yields the same tokens as a run without the failure.
+
+A worker that lost the session (restarted at the same address: NOT_FOUND) or refuses a step's
+position gets the same replay, without being counted as failed. Every failover or replay takes a
+retry from the router's budget. Worker-side session ids carry the router's nonce and a per-request
+number (never the bare client id), and each session has a random key that every step and the final
+CloseSession carry, so only this router can step or close it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -21,30 +28,36 @@ from typing import Any
 
 import torch
 
-from services.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from services.errors import InvalidArgument, ShardmeshError, Unavailable
 from services.gen.shardmesh.v1 import router_pb2, worker_pb2
 from services.models.generation import SamplingParams, StopRule, next_token, sampling_generator, streamable_length
 from services.telemetry import FAILOVERS
 from router.peers import WorkerPool
 from router.pipeline import Pipeline, unpack_trusted
-from router.planning.balancer import choose_replica
+from router.planning.hop_errors import is_lost_session, may_fail_over
 from router.planning.types import WorkerInfo
 from router.topology import Topology
 
 log = logging.getLogger(__name__)
 
-_RETRYABLE = (Unavailable, DeadlineExceeded, ResourceExhausted)
 CLOSE_TIMEOUT_S = 2.0
+SESSION_KEY_BYTES = 16
 DEFAULT_MAX_NEW_TOKENS = 32
+
+
+def _new_key() -> bytes:
+    return secrets.token_bytes(SESSION_KEY_BYTES)
 
 
 @dataclass
 class _Session:
-    request_id: str
+    request_id: str  # the client's id (logs)
+    worker_key: str  # namespaced by the router's nonce and this request's number (Pipeline.worker_key)
     relay: bool
     checksum: str
     route: list[WorkerInfo]
     epoch: int = 0
+    secret: bytes = field(default_factory=_new_key)  # proves to workers that this router owns the session
     steps: list[list[int]] = field(default_factory=list)  # token ids fed at each step, in order
     position: int = 0
     failovers: int = 0
@@ -52,7 +65,12 @@ class _Session:
 
     @property
     def session_id(self) -> str:
-        return f"{self.request_id}#{self.epoch}"
+        return f"{self.worker_key}#{self.epoch}"
+
+    def next_epoch(self) -> None:
+        """A fresh session (new id and key) for a replay; the old one is closed separately."""
+        self.epoch += 1
+        self.secret = _new_key()
 
 
 class GenerationService:
@@ -62,11 +80,13 @@ class GenerationService:
         self._pipeline = pipeline
         self._max_attempts = max_attempts
         self.active_sessions = 0
+        self._cleanups: set[asyncio.Task[None]] = set()  # CloseSession calls still running
 
-    def _pick_route(self, session: _Session | None, checksum: str | None) -> list[WorkerInfo]:
-        excluded = frozenset(session.failed if session else ()) | self._pipeline.outliers.ejected(time.monotonic())
-        plan = self._topology.plan(excluded=excluded, checksum=checksum)
-        return [choose_replica(stage.replicas, self._pipeline.stats, self._pipeline._rng) for stage in plan.stages]
+    def _pick_route(self, session: _Session) -> list[WorkerInfo]:
+        """A replica per stage, planned exactly as Infer plans (ejection, panic, this session's failures)."""
+        excluded = self._pipeline.excluded(session.failed, time.monotonic())
+        plan = self._topology.plan(excluded=excluded, checksum=session.checksum)
+        return [self._pipeline.choose(stage.replicas) for stage in plan.stages]
 
     async def generate(
         self,
@@ -86,9 +106,9 @@ class GenerationService:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
         rule = StopRule(request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, frozenset(eos), tuple(request.stop_strings))
-        plan = self._topology.plan(excluded=self._pipeline.outliers.ejected(time.monotonic()))
-        session = _Session(request_id, relay, plan.checksum, [])
-        session.route = self._pick_route(None, plan.checksum)
+        plan = self._topology.plan(excluded=self._pipeline.excluded((), time.monotonic()))
+        session = _Session(request_id, self._pipeline.worker_key(request_id), relay, plan.checksum, [])
+        session.route = self._pick_route(session)
         generator = sampling_generator(params)
         started = time.monotonic()
         ttft_ms = 0.0
@@ -134,43 +154,52 @@ class GenerationService:
         finally:
             self.active_sessions -= 1
             # Also on client disconnect (cancellation): free the caches on every worker of the route.
-            await asyncio.shield(self._close(session.route, session.session_id))
+            await asyncio.shield(self._close_later(session.route, session.session_id, session.secret))
 
     async def _step(self, session: _Session, ids: list[int], deadline: float) -> torch.Tensor:
-        """Runs one step through the session's route; on a hop failure, fails over and replays."""
+        """Runs one step through the session's route; on a hop failure or a lost session, replays."""
         session.steps.append(ids)
+        self._pipeline.record_request()
         attempts = 0
+        replay = False
         while True:
             try:
-                if attempts == 0:
+                if not replay:
                     return await self._run(session, ids, session.position, deadline)
                 return await self._replay(session, deadline)
-            except _RETRYABLE as exc:
+            except ShardmeshError as exc:
+                lost = is_lost_session(exc)
+                if not (lost or may_fail_over(exc)):
+                    raise
                 attempts += 1
                 failed = next((w for w in session.route if w.worker_id == exc.failed_worker_id), None)
                 failed = failed or session.route[0]
-                session.failed.add(failed.worker_id)
-                if not isinstance(exc, ResourceExhausted):
-                    self._pipeline.outliers.record_failure(failed.worker_id, time.monotonic(), (failed.worker_id,))
+                if not lost:  # a worker that lost the session is healthy: replay there too
+                    session.failed.add(failed.worker_id)
+                    self._pipeline.record_hop_failure(failed, exc, request_deadline=deadline)
                 if attempts >= self._max_attempts or time.monotonic() >= deadline:
                     raise
-                old_route, old_id = session.route, session.session_id
+                if not self._pipeline.try_retry():
+                    exc.message = f"{exc.message}; not replayed: the router's retry budget is spent, retry later"
+                    raise
+                old_route, old_id, old_secret = session.route, session.session_id, session.secret
                 try:
-                    session.route = self._pick_route(session, session.checksum)
+                    session.route = self._pick_route(session)
                 except Unavailable as no_route:
                     # The hop's own error says what happened; the planner says why nothing else can serve.
                     exc.message = f"{exc.message}; {no_route.message}"
                     raise exc from None
-                session.epoch += 1
+                session.next_epoch()
                 session.failovers += 1
-                FAILOVERS.labels(reason="generate-" + type(exc).__name__).inc()
+                replay = True
+                FAILOVERS.labels(reason="generate-" + ("LostSession" if lost else type(exc).__name__)).inc()
                 log.warning(
                     "session %s: hop %s failed at position %d (%s); replaying %d steps on %s",
                     session.request_id, failed.worker_id, session.position, exc, len(session.steps),
                     [w.worker_id for w in session.route],
                 )
-                survivors = [w for w in old_route if w.worker_id != failed.worker_id]
-                asyncio.create_task(self._close(survivors, old_id))
+                # The old session may still live on workers that are alive (including the one that failed).
+                self._close_later(old_route, old_id, old_secret)
 
     async def _replay(self, session: _Session, deadline: float) -> torch.Tensor:
         """Rebuilds the new route's caches with the same steps at the same positions; returns the last logits."""
@@ -188,23 +217,36 @@ class GenerationService:
         x = torch.tensor([ids], dtype=torch.int64)
         call_id = f"{session.session_id}@{position}"
         key = (session.session_id, position)
+        call = self._pipeline._call
         if session.relay:
-            response, _ = await self._pipeline._call(session.route, call_id, x, None, session.checksum, deadline, key)
+            response, _ = await call(session.route, call_id, x, None, session.checksum, deadline, key, session.secret)
             out = await unpack_trusted(response.output, "output")
         else:
             out = x
             for worker in session.route:
-                response, _ = await self._pipeline._call([worker], call_id, out, None, session.checksum, deadline, key)
+                response, _ = await call([worker], call_id, out, None, session.checksum, deadline, key, session.secret)
                 out = await unpack_trusted(response.output, "output")
         if advance:
             session.position = position + len(ids)
         return out
 
-    async def _close(self, route: Sequence[WorkerInfo], session_id: str) -> None:
+    def _close_later(self, route: Sequence[WorkerInfo], session_id: str, secret: bytes) -> asyncio.Task[None]:
+        """Closes the session on every worker of ``route`` in a task this service keeps until it ends."""
+        task = asyncio.create_task(self._close(route, session_id, secret), name=f"close:{session_id}")
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        return task
+
+    async def _close(self, route: Sequence[WorkerInfo], session_id: str, secret: bytes) -> None:
         async def close_one(worker: WorkerInfo) -> None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # a dead worker's cache died with it; a live one's TTL is the backstop
                 await self._pool.peer(worker.address).stub.CloseSession(
-                    worker_pb2.CloseSessionRequest(session_id=session_id), timeout=CLOSE_TIMEOUT_S
+                    worker_pb2.CloseSessionRequest(session_id=session_id, session_key=secret), timeout=CLOSE_TIMEOUT_S
                 )
 
         await asyncio.gather(*(close_one(w) for w in route))
+
+    async def aclose(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Waits (bounded) for CloseSession calls still running, e.g. before the router exits."""
+        if self._cleanups:
+            await asyncio.wait(set(self._cleanups), timeout=timeout_s)

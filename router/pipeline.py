@@ -9,20 +9,25 @@ request's deadline.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
+import secrets
 import time
+from collections import defaultdict
+from collections.abc import Collection, Sequence
 
 import torch
 from dataclasses import dataclass, field
 
-from services.errors import DeadlineExceeded, ResourceExhausted, ShardmeshError, Unavailable
+from services.errors import DeadlineExceeded, ShardmeshError, Unavailable
 from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
 from services.telemetry import FAILOVERS, HEDGES
 from services.transport.stream_client import downstream_budget
 from services.wire import placement, shm
 from router.peers import WorkerPool
 from router.planning.balancer import ReplicaStats, choose_replica
+from router.planning.hop_errors import counts_against_worker, is_server_fault, may_fail_over
 from router.planning.outlier import OutlierDetector
 from router.planning.retry_budget import RetryBudget
 from router.planning.types import WorkerInfo
@@ -30,9 +35,10 @@ from router.topology import Topology
 
 log = logging.getLogger(__name__)
 
-# Errors after which another replica may succeed. INVALID_ARGUMENT or FAILED_PRECONDITION would fail
-# the same way everywhere, so they are returned at once.
-_RETRYABLE = (Unavailable, DeadlineExceeded, ResourceExhausted)
+# Errors after which another replica may succeed are decided in router/planning/hop_errors.py.
+# INVALID_ARGUMENT or FAILED_PRECONDITION would fail the same way everywhere, so they are returned at
+# once; INTERNAL/UNKNOWN (a broken replica) is retried once per request on another replica.
+MAX_SERVER_FAULT_RETRIES = 1
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,49 @@ class Pipeline:
         self._budget = retry_budget
         self._rng = rng or random.Random()
         self.stats: dict[str, ReplicaStats] = {}
+        # Worker-side ids (calls, sessions) carry this router's nonce and a per-request sequence number,
+        # so client-chosen ids never collide on a worker (another router, or a retry of the same id).
+        self.nonce = secrets.token_hex(4)
+        self._sequence = itertools.count()
+        self._background: set[asyncio.Task[object]] = set()  # cancelled hedge losers finishing their cleanup
+
+    def worker_key(self, client_id: str) -> str:
+        """A worker-side id for one request of the client's ``client_id``: unique to this router and request."""
+        return f"{self.nonce}.{next(self._sequence)}:{client_id}"
+
+    def excluded(self, failed: Collection[str], now: float) -> frozenset[str]:
+        """What planning must avoid: the request's ``failed`` workers and ejected ones, except that a
+        span in panic (too few healthy replicas) keeps its ejected replicas routable, and ejection never
+        removes a span's last replica (see OutlierDetector.excluded)."""
+        members: dict[tuple[str, object], list[str]] = defaultdict(list)
+        for worker in self._topology.workers:
+            members[(worker.checksum, worker.span)].append(worker.worker_id)
+        return self.outliers.excluded(members.values(), failed, now)
+
+    def stage_members(self, worker: WorkerInfo) -> tuple[str, ...]:
+        """Every worker known for ``worker``'s layers and weights (the stage's full membership)."""
+        return tuple(
+            w.worker_id for w in self._topology.workers if w.span == worker.span and w.checksum == worker.checksum
+        ) or (worker.worker_id,)
+
+    def record_hop_failure(self, worker: WorkerInfo, exc: BaseException, *, request_deadline: float) -> None:
+        """Counts an outlier failure of ``worker`` unless it was not the worker's fault (see hop_errors)."""
+        now = time.monotonic()
+        if counts_against_worker(exc, request_deadline - now):
+            if self.outliers.record_failure(worker.worker_id, now, self.stage_members(worker)):
+                log.warning("worker %s (%s) ejected after consecutive failures: %s", worker.worker_id, worker.address, exc)
+
+    def choose(self, replicas: Sequence[WorkerInfo]) -> WorkerInfo:
+        """One replica of a stage by power of two choices over this router's latency and load view."""
+        return choose_replica(replicas, self.stats, self._rng)
+
+    def record_request(self) -> None:
+        """One original request (or generation step) for the retry budget."""
+        self._budget.record_request(time.monotonic())
+
+    def try_retry(self) -> bool:
+        """Takes one retry (failover, replay) from the router-wide budget; False when it is spent."""
+        return self._budget.try_acquire_retry(time.monotonic())
 
     def _stats(self, worker_id: str) -> ReplicaStats:
         stats = self.stats.get(worker_id)
@@ -95,19 +144,21 @@ class Pipeline:
     ) -> PipelineResult:
         now = time.monotonic()
         self._budget.record_request(now)
-        plan = self._topology.plan(excluded=self.outliers.ejected(now))
+        plan = self._topology.plan(excluded=self.excluded((), now))
+        key = self.worker_key(request_id)
         checksum, total = plan.checksum, plan.total_layers
         stage_input = await unpack_trusted(ids, "input")  # already checked by router/inputs.py
         result = PipelineResult(output=stage_input)
         layer = 0
         failed: set[str] = set()  # workers that failed this request: not tried again for it
         attempts: dict[int, int] = {}  # failed attempts per starting layer
+        server_faults = 0  # INTERNAL/UNKNOWN answers: retried at most MAX_SERVER_FAULT_RETRIES times
         last_error: tuple[ShardmeshError, WorkerInfo] | None = None
         while layer < total:
             now = time.monotonic()
             if now >= deadline:
                 raise DeadlineExceeded(f"request {request_id} ran out of time before layer {layer}")
-            excluded = frozenset(failed) | self.outliers.ejected(now)
+            excluded = self.excluded(failed, now)
             try:
                 stages = self._topology.plan(excluded=excluded, start_layer=layer, checksum=checksum).stages
             except Unavailable as no_route:
@@ -115,16 +166,21 @@ class Pipeline:
                     raise
                 # Report the hop that failed first; the planner's view explains why nothing else could serve.
                 raise _name_hop(last_error[0], last_error[1], also=str(no_route)) from None
-            chosen = [choose_replica(s.replicas, self.stats, self._rng) for s in (stages if relay else stages[:1])]
-            call_id = f"{request_id}/{layer}/{sum(attempts.values())}"
+            chosen = [self.choose(s.replicas) for s in (stages if relay else stages[:1])]
+            call_id = f"{key}/{layer}/{sum(attempts.values())}"
+            candidates = [*chosen, *stages[0].replicas]  # a hedge may have gone to another replica of stage 0
             try:
                 if relay or self._settings.hedge_after_s <= 0:
                     response, hop_ms = await self._call(chosen, call_id, stage_input, mask, checksum, deadline)
                 else:
                     spare = [r for r in stages[0].replicas if r.worker_id not in excluded and r != chosen[0]]
-                    response, hop_ms, chosen[0] = await self._hedged(chosen[0], spare, call_id, stage_input, mask, checksum, deadline)
-            except _RETRYABLE as exc:
-                worker = next((w for w in chosen if w.worker_id == exc.failed_worker_id), chosen[0])
+                    response, hop_ms, chosen[0] = await self._hedged(
+                        chosen[0], spare, call_id, stage_input, mask, checksum, deadline, failed
+                    )
+            except ShardmeshError as exc:
+                if not may_fail_over(exc):
+                    raise
+                worker = next((w for w in candidates if w.worker_id == exc.failed_worker_id), chosen[0])
                 partial = exc.relay_response
                 if partial is not None and partial.error.HasField("pending_input") and worker is not chosen[0]:
                     # Relay: stages before the failed hop completed; resume from the failed hop's input.
@@ -133,14 +189,17 @@ class Pipeline:
                     layer = worker.span.start
                 last_error = (exc, worker)
                 failed.add(worker.worker_id)
-                if not isinstance(exc, ResourceExhausted):
-                    stage = next(s for s in stages if s.span == worker.span)
-                    self.outliers.record_failure(worker.worker_id, time.monotonic(), stage.replica_ids)
+                self.record_hop_failure(worker, exc, request_deadline=deadline)
                 attempts[layer] = attempts.get(layer, 0) + 1
-                retry_ok = attempts[layer] < self._settings.max_attempts and self._budget.try_acquire_retry(time.monotonic())
+                server_faults += is_server_fault(exc)
+                retry_ok = (
+                    attempts[layer] < self._settings.max_attempts
+                    and server_faults <= MAX_SERVER_FAULT_RETRIES
+                    and self.try_retry()
+                )
                 if not retry_ok:
                     raise _name_hop(exc, worker) from None
-                FAILOVERS.labels(reason=type(exc).__name__).inc()
+                FAILOVERS.labels(reason="Internal" if is_server_fault(exc) else type(exc).__name__).inc()
                 result.attempts += 1
                 log.warning("request %s: hop %s failed (%s); failing over", request_id, worker.worker_id, exc)
                 continue
@@ -167,36 +226,41 @@ class Pipeline:
         mask: tensor_pb2.Tensor | None,
         checksum: str,
         deadline: float,
+        failed: set[str],
     ) -> tuple[worker_pb2.ForwardResponse, float, WorkerInfo]:
-        """Direct mode: if ``primary`` is slow, send the same stage input to a second replica; first answer wins."""
+        """Direct mode: if ``primary`` is slow, send the same stage input to a second replica; first answer wins.
+
+        A call that fails while the other is still running is counted against its worker and added to
+        ``failed``; the error of the last one to fail is raised for the caller to count. The loser of a
+        race is cancelled, which is never counted as its worker's failure.
+        """
         first = asyncio.create_task(self._call([primary], call_id, stage_input, mask, checksum, deadline))
         done, _ = await asyncio.wait({first}, timeout=self._hedge_delay(primary))
         if done or not spare:
             response, hop_ms = await first
             return response, hop_ms, primary
-        backup = choose_replica(spare, self.stats, self._rng)
+        backup = self.choose(spare)
         HEDGES.inc()
         second = asyncio.create_task(self._call([backup], call_id + "/hedge", stage_input, mask, checksum, deadline))
         owners = {first: primary, second: backup}
         pending = set(owners)
-        error: BaseException | None = None
         try:
-            while pending:
+            while True:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    if task.exception() is None:
+                for task in sorted(done, key=lambda t: t.exception() is not None):  # a success first
+                    error = task.exception()
+                    if error is None:
                         response, hop_ms = task.result()
                         return response, hop_ms, owners[task]
-                    error = error or task.exception()
-                    failed_worker = owners[task]
-                    if isinstance(task.exception(), _RETRYABLE) and pending:
-                        stage_ids = tuple(owners[t].worker_id for t in owners)
-                        self.outliers.record_failure(failed_worker.worker_id, time.monotonic(), stage_ids)
-            assert error is not None
-            raise error
+                    if not pending or not may_fail_over(error):
+                        raise error
+                    self.record_hop_failure(owners[task], error, request_deadline=deadline)
+                    failed.add(owners[task].worker_id)
         finally:
             for task in pending:
                 task.cancel()
+                self._background.add(task)  # the loser's cleanup (cancel message, segment release) still runs
+                task.add_done_callback(self._background.discard)
 
     async def _call(
         self,
@@ -207,8 +271,10 @@ class Pipeline:
         checksum: str,
         deadline: float,
         session: tuple[str, int] | None = None,
+        session_key: bytes = b"",
     ) -> tuple[worker_pb2.ForwardResponse, float]:
-        """One call to ``chosen[0]`` (relaying to the rest); ``session`` = (session id, position) for generation."""
+        """One call to ``chosen[0]`` (relaying to the rest); ``session`` = (session id, position) for generation,
+        ``session_key`` the secret that proves this router owns the session (sent on every step)."""
         first = chosen[0]
         remaining = deadline - time.monotonic()
         # A relayed call covers several hops: allow the hop timeout for each of them.
@@ -216,7 +282,7 @@ class Pipeline:
         colocated = self._settings.use_shm and shm.is_colocated(first.address)
         request = worker_pb2.ForwardRequest(
             request_id=call_id,
-            input=await _pack(stage_input, colocated),
+            input=await _pack(stage_input, colocated, call_id),  # a segment only this call may hand over
             reply_shm=colocated,
             reply_dtype=self._settings.wire_dtype,
             hop_timeout_ms=int(self._settings.hop_timeout_s * 1000),
@@ -236,6 +302,7 @@ class Pipeline:
             request.attention_mask.CopyFrom(mask)
         if session is not None:
             request.session_id, request.position = session
+            request.session_key = session_key
         stats = [self._stats(w.worker_id) for w in chosen]
         for st in stats:
             st.start()
@@ -256,10 +323,10 @@ class Pipeline:
 _OFF_LOOP_BYTES = 1 << 20  # (de)serialising more than this runs in a thread, not on the event loop
 
 
-async def _pack(tensor: torch.Tensor, colocated: bool) -> tensor_pb2.Tensor:
+async def _pack(tensor: torch.Tensor, colocated: bool, request_id: str) -> tensor_pb2.Tensor:
     if tensor.numel() * tensor.element_size() >= _OFF_LOOP_BYTES:
-        return await asyncio.to_thread(placement.pack, tensor, colocated=colocated)
-    return placement.pack(tensor, colocated=colocated)
+        return await asyncio.to_thread(placement.pack, tensor, colocated=colocated, request_id=request_id)
+    return placement.pack(tensor, colocated=colocated, request_id=request_id)
 
 
 # Stage outputs come from workers the router planned with, and client input is size-checked in router/inputs.py,

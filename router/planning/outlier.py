@@ -6,7 +6,7 @@ eligible, and actively probes the ejected ones that :meth:`OutlierDetector.due_f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from services.errors import ConfigError
@@ -76,17 +76,21 @@ class OutlierDetector:
     def record_failure(self, worker_id: str, now: float, stage_replica_ids: Sequence[str]) -> bool:
         """Counts a failure or timeout; returns True when this failure ejected the worker.
 
+        ``stage_replica_ids`` must be the stage's full membership (every worker that serves these
+        layers), not the replicas a request could still use: the share is of the whole stage.
         Ejection is refused while ``max_ejection_percent`` of the stage (at least one replica) is
-        already out, so a stage-wide problem cannot empty the stage.
+        already out, and when no other replica of the stage would be left in rotation, so no
+        failure streak can empty a stage (a lone replica is never ejected).
         """
         state = self._states.setdefault(worker_id, _ReplicaState())
         self._decay(state, now)
         state.consecutive_failures += 1
         if state.ejected_until is not None or state.consecutive_failures < self.config.consecutive_failures:
             return False
-        others_ejected = sum(1 for r in set(stage_replica_ids) if r != worker_id and self.is_ejected(r, now))
-        allowed = max(1, int(len(set(stage_replica_ids) | {worker_id}) * self.config.max_ejection_percent / 100.0))
-        if others_ejected >= allowed:
+        members = set(stage_replica_ids) | {worker_id}
+        others_ejected = sum(1 for r in members if r != worker_id and self.is_ejected(r, now))
+        allowed = max(1, int(len(members) * self.config.max_ejection_percent / 100.0))
+        if others_ejected >= allowed or others_ejected >= len(members) - 1:
             return False
         self._eject(state, now)
         return True
@@ -129,6 +133,22 @@ class OutlierDetector:
         if replica_ids and len(healthy) * 100.0 < self.config.panic_threshold_percent * len(replica_ids):
             return list(replica_ids)
         return healthy
+
+    def excluded(self, stages: Iterable[Sequence[str]], failed: Collection[str], now: float) -> frozenset[str]:
+        """Workers planning must avoid: ``failed`` (this request's own failures) plus ejected replicas.
+
+        ``stages`` lists each span's full membership. A span in panic (too few healthy replicas, see
+        :meth:`eligible`) keeps its ejected replicas routable, and when every replica a request could
+        still use is ejected they stay routable too: ejection alone never removes a span's last replica.
+        """
+        failed = frozenset(failed)
+        out = set(failed)
+        for members in stages:
+            usable = [r for r in self.eligible(members, now) if r not in failed]
+            if not usable:
+                usable = [r for r in members if r not in failed]
+            out.update(r for r in members if r not in usable)
+        return frozenset(out)
 
     def due_for_probe(self, now: float) -> list[str]:
         """Ejected workers whose ejection time has elapsed: probe them, then readmit or re-eject."""

@@ -105,15 +105,50 @@ def test_panic_threshold_makes_all_replicas_eligible() -> None:
     assert detector.eligible(stage, 0.0) == ["c", "d"]  # 50 % healthy: not below the threshold
     detector.record_failure("c", 0.0, stage)
     assert detector.eligible(stage, 0.0) == stage  # 25 % healthy: panic
-    solo = OutlierDetector(OutlierConfig(consecutive_failures=1))
-    solo.record_failure("only", 0.0, ["only"])
-    assert solo.eligible(["only"], 0.0) == ["only"]
+    assert not detector.record_failure("d", 0.0, stage)  # the last replica in rotation is never ejected
 
 
 def test_panic_disabled_with_zero_threshold() -> None:
-    detector = OutlierDetector(OutlierConfig(consecutive_failures=1, panic_threshold_percent=0))
-    detector.record_failure("only", 0.0, ["only"])
-    assert detector.eligible(["only"], 0.0) == []
+    detector = OutlierDetector(OutlierConfig(consecutive_failures=1, panic_threshold_percent=0, max_ejection_percent=100))
+    assert detector.record_failure("a", 0.0, ["a", "b"])
+    assert detector.eligible(["a", "b"], 0.0) == ["b"]
+    detector.readmit("a", 0.0)
+    assert detector.record_failure("b", 0.0, ["a", "b"])
+    assert detector.eligible(["a", "b"], 0.0) == ["a"]
+
+
+def test_a_lone_replica_is_never_ejected() -> None:
+    detector = OutlierDetector(OutlierConfig(consecutive_failures=1))
+    assert not fail(detector, "only", 0.0, 20, ["only"])
+    assert detector.ejected(0.0) == frozenset()
+
+
+def test_share_counts_full_membership_not_the_replicas_a_request_could_use() -> None:
+    """Issue 14 defect 3: with the filtered list (the ejected replica left out) every replica of a stage
+    could be ejected in turn. Passing the full membership caps ejection at the stage's share."""
+    detector = OutlierDetector(OutlierConfig(consecutive_failures=1))
+    pair = ["a", "b"]
+    assert detector.record_failure("a", 0.0, pair)
+    assert not fail(detector, "b", 0.0, 10, pair)
+    assert not detector.is_ejected("b", 0.0)
+    # A caller that passes only the worker itself (no other replica known) never ejects it either.
+    assert not detector.record_failure("b", 0.0, ["b"])
+
+
+def test_excluded_applies_panic_and_keeps_the_last_replica() -> None:
+    detector = OutlierDetector(OutlierConfig(consecutive_failures=1, max_ejection_percent=100))
+    stages = [["a", "b"], ["c", "d", "e", "f"], ["g"]]
+    detector.record_failure("a", 0.0, stages[0])
+    assert detector.excluded(stages, (), 0.0) == {"a"}  # 1 of 2 healthy: 50 %, no panic
+    assert detector.excluded(stages, ["b"], 0.0) == {"b"}  # b failed this request: a is the last one left
+    for w in "cde":
+        detector.record_failure(w, 0.0, stages[1])
+    assert detector.excluded(stages, (), 0.0) == {"a"}  # 1 of 4 healthy: panic, c d e are routable again
+    assert detector.excluded(stages, ["f", "g"], 0.0) == {"a", "f", "g"}  # the request's own failures stay out
+    strict = OutlierDetector(OutlierConfig(consecutive_failures=1, panic_threshold_percent=0))
+    strict.record_failure("a", 0.0, stages[0])
+    assert strict.excluded(stages, (), 0.0) == {"a"}
+    assert strict.excluded(stages, ["b"], 0.0) == {"b"}  # no panic, but ejection never removes the last one
 
 
 def test_forget_clears_history() -> None:
