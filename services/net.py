@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from services.errors import ConfigError
 
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+# Room for a request's fields besides its tensors (ids, metadata, protobuf framing).
+MESSAGE_ENVELOPE_BYTES = 1024 * 1024
 
 # Keepalive must agree between client and server, or the server answers GOAWAY too_many_pings.
 KEEPALIVE_TIME_MS = 20_000
@@ -39,6 +43,22 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.so_reuseport", 0),
 )
+
+
+def server_options(max_receive_bytes: int | None = None) -> tuple[tuple[str, int], ...]:
+    """:data:`SERVER_OPTIONS` with a smaller receive limit: gRPC then refuses a larger message from its
+    length prefix (RESOURCE_EXHAUSTED) and discards the bytes instead of buffering them for a handler."""
+    if max_receive_bytes is None:
+        return SERVER_OPTIONS
+    return tuple(
+        (name, max_receive_bytes if name == "grpc.max_receive_message_length" else value) for name, value in SERVER_OPTIONS
+    )
+
+
+def max_request_bytes(max_payload_bytes: int) -> int:
+    """The receive limit that follows ``--max-tensor-mb``: one request's largest tensor (or text) plus
+    its envelope (an attention mask, ids, protobuf framing). Token-id tensors are far below the limit."""
+    return max_payload_bytes + MESSAGE_ENVELOPE_BYTES
 
 
 def split_host_port(address: str, *, what: str = "address") -> tuple[str, int]:
@@ -94,9 +114,70 @@ class TlsFiles:
         )
 
 
-def open_channel(address: str, tls: TlsFiles | None = None) -> grpc.aio.Channel:
-    """A persistent channel to a peer, with shardmesh's options (one per peer, reused for every call)."""
+Metadata = Sequence[tuple[str, str]]
+
+
+def open_channel(address: str, tls: TlsFiles | None = None, *, metadata: Metadata = ()) -> grpc.aio.Channel:
+    """A persistent channel to a peer, with shardmesh's options (one per peer, reused for every call).
+
+    ``metadata`` is sent with every call on the channel: a client's bearer token, a mesh member's mesh token.
+    """
     creds = tls.channel_credentials() if tls is not None else None
     if creds is None:
-        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-    return grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    else:
+        channel = grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+    return MetadataChannel(channel, metadata) if metadata else channel
+
+
+class _WithMetadata:
+    """A multi-callable that adds fixed metadata to each call; the call object is gRPC's own."""
+
+    def __init__(self, callable_: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._callable = callable_
+        self._metadata = metadata
+
+    def __call__(self, *args: Any, metadata: Any = None, **kwargs: Any) -> Any:
+        return self._callable(*args, metadata=(*tuple(metadata or ()), *self._metadata), **kwargs)
+
+
+class MetadataChannel(grpc.aio.Channel):
+    """A channel whose every call carries ``metadata``.
+
+    Not a client interceptor: gRPC's intercepted streaming calls proxy each write through a queue and a
+    task, which would change the write semantics the multiplexed ForwardStream relies on.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel, metadata: Metadata) -> None:
+        self._channel = channel
+        self._metadata = tuple(metadata)
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _WithMetadata(self._channel.unary_unary(method, *args, **kwargs), self._metadata)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _WithMetadata(self._channel.unary_stream(method, *args, **kwargs), self._metadata)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _WithMetadata(self._channel.stream_unary(method, *args, **kwargs), self._metadata)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _WithMetadata(self._channel.stream_stream(method, *args, **kwargs), self._metadata)
+
+    async def close(self, grace: float | None = None) -> None:
+        await self._channel.close(grace)
+
+    async def channel_ready(self) -> None:
+        await self._channel.channel_ready()
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self._channel.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._channel.wait_for_state_change(last_observed_state)
+
+    async def __aenter__(self) -> MetadataChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._channel.close(None)

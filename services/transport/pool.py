@@ -12,14 +12,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.gen.shardmesh.v1 import worker_pb2_grpc
-from services.net import TlsFiles, open_channel
+from services.net import Metadata, TlsFiles, open_channel
 from services.transport.stream_client import ForwardStreamClient
 
 
 class Peer:
-    def __init__(self, address: str, tls: TlsFiles | None) -> None:
+    def __init__(self, address: str, tls: TlsFiles | None, metadata: Metadata = ()) -> None:
         self.address = address
-        self.channel = open_channel(address, tls)
+        self.channel = open_channel(address, tls, metadata=metadata)
         self.stub = worker_pb2_grpc.ShardWorkerStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.stream = ForwardStreamClient(self.channel, address)
@@ -32,14 +32,15 @@ class Peer:
 class PeerPool:
     """Owns every channel a process holds to workers; keyed by address."""
 
-    def __init__(self, tls: TlsFiles | None = None) -> None:
+    def __init__(self, tls: TlsFiles | None = None, metadata: Metadata = ()) -> None:
         self._tls = tls
+        self._metadata = tuple(metadata)  # sent with every call to a peer: the mesh token (services/security)
         self._peers: dict[str, Peer] = {}
 
     def peer(self, address: str) -> Peer:
         peer = self._peers.get(address)
         if peer is None:
-            peer = self._peers[address] = Peer(address, self._tls)
+            peer = self._peers[address] = Peer(address, self._tls, self._metadata)
         return peer
 
     def stream(self, address: str, worker_id: str = "") -> ForwardStreamClient:
