@@ -2,10 +2,15 @@
 
 Transport-free apart from the protobuf types: the servicer (unary and stream) and, later, the relay
 path call :meth:`WorkerCore.forward`.
+
+Shared memory: an output segment belongs to this worker until a receiver claims it. If the request
+goes away first (caller cancelled, deadline, relay failure) while the compute thread is still
+packing, :class:`OutputHandoff` frees the segment whichever side finishes last, so nothing leaks.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -16,11 +21,39 @@ from services.models.base import ModelSource, StageModel
 from services.wire import codec, placement
 from services.wire.shm import is_colocated
 from shard_worker.engine import StageEngine
-from shard_worker.inputs import check_plan, decode_input
+from shard_worker.inputs import check_plan, decode_input, reply_dtype
 from shard_worker.relay import Relay
 from shard_worker.sessions import SessionService
 
 VERSION = "0.1.0"
+
+
+class OutputHandoff:
+    """Passes the packed output from the compute thread to the request, or frees it if the request left.
+
+    The compute thread cannot be interrupted, so a request cancelled mid-compute would otherwise
+    drop a shared-memory segment that the thread creates after the cancel. Both orders are covered:
+    :meth:`abandon` frees what was already packed, and :meth:`put` after an abandon frees at once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._packed: tensor_pb2.Tensor | None = None
+
+    def put(self, msg: tensor_pb2.Tensor) -> None:
+        with self._lock:
+            if not self._abandoned:
+                self._packed = msg
+                return
+        placement.release(msg)
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            msg, self._packed = self._packed, None
+        if msg is not None:
+            placement.release(msg)
 
 
 class WorkerCore:
@@ -66,12 +99,18 @@ class WorkerCore:
     async def forward(self, request: worker_pb2.ForwardRequest, deadline: float | None) -> worker_pb2.ForwardResponse:
         """Runs this stage (and, in relay mode, the rest of the chain); ``active`` counts calls in progress."""
         self.active += 1
+        handoff = OutputHandoff()
         try:
-            return await self._forward(request, deadline)
+            return await self._forward(request, deadline, handoff)
+        except BaseException:
+            handoff.abandon()  # nobody will read this request's output segment (if it has one)
+            raise
         finally:
             self.active -= 1
 
-    async def _forward(self, request: worker_pb2.ForwardRequest, deadline: float | None) -> worker_pb2.ForwardResponse:
+    async def _forward(
+        self, request: worker_pb2.ForwardRequest, deadline: float | None, handoff: OutputHandoff
+    ) -> worker_pb2.ForwardResponse:
         span = self.stage.span
         check_plan(request, span, self.source.checksum, self.worker_id)
         Relay.check_route(request, span.end, self.source.total_layers)
@@ -79,7 +118,7 @@ class WorkerCore:
             raise DeadlineExceeded(f"deadline exceeded before hop {self.worker_id} started", failed_worker_id=self.worker_id)
         inputs = decode_input(request, self.stage, self.max_tensor_bytes)
         stage = self.stage
-        wire_dtype = codec.dtype_from_wire(request.reply_dtype) if request.reply_dtype else self.wire_dtype
+        wire_dtype = reply_dtype(request, self.wire_dtype)
         # The receiver is the next worker (relay) or the caller; large outputs to a co-located one go by shm.
         colocated = self.use_shm and (
             is_colocated(request.downstream[0].address) if request.downstream else request.reply_shm
@@ -88,7 +127,9 @@ class WorkerCore:
         def finish(out: torch.Tensor) -> tuple[tensor_pb2.Tensor, torch.Tensor]:
             if not stage.is_last and out.dtype != wire_dtype:
                 out = out.to(wire_dtype)
-            return placement.pack(out, colocated=colocated), out
+            packed = placement.pack(out, colocated=colocated, request_id=request.request_id)
+            handoff.put(packed)
+            return packed, out
 
         if request.session_id:
             if self.sessions is None:
@@ -96,12 +137,16 @@ class WorkerCore:
                     f"worker {self.worker_id} serves {self.source.model_id}, which has no generation sessions"
                 )
             started = time.monotonic()
-            out = await self.sessions.step(request.session_id, request.position, request.session_ttl_s, inputs.x, deadline)
+            out = await self.sessions.step(
+                request.session_id, request.position, request.session_ttl_s, inputs.x, deadline, request.session_key
+            )
             compute_ms, queue_ms = 1000 * (time.monotonic() - started), 0.0
             output, output_tensor = finish(out)
         else:
             # Forward and serialisation both run in the compute thread: large copies stay off the event loop.
-            result = await self.engine.run(lambda: finish(stage.forward(inputs.x, inputs.attention_mask)), deadline)
+            result = await self.engine.run(
+                lambda: finish(stage.forward(inputs.x, inputs.attention_mask)), deadline, work=tuple(inputs.x.shape[:2])
+            )
             output, output_tensor = result.value  # type: ignore[misc]
             compute_ms, queue_ms = result.compute_ms, result.queue_ms
         record = tensor_pb2.HopRecord(

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 import torch
 
 from services.errors import FailedPrecondition, InvalidArgument
-from services.gen.shardmesh.v1 import worker_pb2
+from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
 from services.layers import LayerSpan
 from services.models.base import StageModel
-from services.wire import placement
+from services.wire import codec, placement
 
 _ID_DTYPES = (torch.int64, torch.int32)
-_HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HIDDEN_DTYPES = codec.ACTIVATION_DTYPES
 _MASK_DTYPES = (torch.int64, torch.int32, torch.bool, torch.uint8)
 
 
@@ -48,6 +48,7 @@ def decode_input(request: worker_pb2.ForwardRequest, stage: StageModel, max_tens
         max_bytes=max_tensor_bytes,
         expect_dtype=_ID_DTYPES if stage.is_first else _HIDDEN_DTYPES,
         expect_rank=(2,) if stage.is_first else (3,),
+        request_id=request.request_id,  # a shared-memory input must have been made for this request
     )
     # Token ids are int64 inside the model; reduced wire dtypes are upcast before compute.
     x = x.to(torch.int64) if stage.is_first else x.to(stage.dtype)
@@ -59,9 +60,26 @@ def decode_input(request: worker_pb2.ForwardRequest, stage: StageModel, max_tens
             max_bytes=max_tensor_bytes,
             expect_dtype=_MASK_DTYPES,
             expect_rank=(2,),
+            request_id=request.request_id,
         ).to(torch.int64)
     try:
         stage.check_input(x, mask)
     except InvalidArgument as exc:
         raise InvalidArgument(f"input: {exc}") from None
     return StageInput(x, mask)
+
+
+def reply_dtype(request: worker_pb2.ForwardRequest, default: torch.dtype) -> torch.dtype:
+    """The dtype for a non-final output: activations are floating point, so only float32/float16/bfloat16."""
+    if not request.reply_dtype:
+        return default
+    try:
+        dtype = codec.dtype_from_wire(request.reply_dtype)
+    except InvalidArgument:
+        dtype = None
+    if dtype not in codec.ACTIVATION_DTYPES:
+        allowed = ", ".join(codec.dtype_name(d) for d in codec.ACTIVATION_DTYPES)
+        wire = request.reply_dtype
+        name = tensor_pb2.DType.Name(wire) if wire in tensor_pb2.DType.values() else str(wire)
+        raise InvalidArgument(f"reply_dtype: {name} is not an activation dtype; use one of {allowed} (or leave it unset)")
+    return dtype

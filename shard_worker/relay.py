@@ -77,6 +77,7 @@ class Relay:
             session_id=request.session_id,
             position=request.position,
             session_ttl_s=request.session_ttl_s,
+            session_key=request.session_key,
         )
         down.downstream.extend(request.downstream[1:])
         down.upstream_hops.extend(request.upstream_hops)
@@ -93,6 +94,9 @@ class Relay:
             placement.release(output)
             if exc.relay_response is not None:
                 return exc.relay_response  # an error further down: pass it back unchanged
+            raise
+        except BaseException:  # cancelled (the caller went away) or a bug: the next hop may never read it
+            placement.release(output)
             raise
         hop_ms = 1000 * (time.monotonic() - started)
         for hop in response.hops:

@@ -17,6 +17,9 @@ from services.gen.shardmesh.v1 import tensor_pb2
 
 DEFAULT_MAX_TENSOR_BYTES = 256 * 1024 * 1024
 MAX_RANK = 8
+# Activations (non-final stage outputs) travel only as floating point: casting them to an integer or
+# bool dtype would silently destroy them.
+ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _TORCH_BY_WIRE: dict[int, torch.dtype] = {
     tensor_pb2.DTYPE_FLOAT32: torch.float32,
@@ -81,7 +84,7 @@ def encode(tensor: torch.Tensor, out: tensor_pb2.Tensor | None = None) -> tensor
     del msg.shape[:]
     msg.shape.extend(t.shape)
     # Reinterpret as bytes without copying through numpy (bfloat16 has no numpy dtype).
-    msg.data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    msg.data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
     return msg
 
 
@@ -105,16 +108,31 @@ def check_header(
         raise InvalidArgument(f"{field}: rank {len(shape)} exceeds the maximum of {MAX_RANK}")
     if expect_rank is not None and len(shape) not in expect_rank:
         raise InvalidArgument(f"{field}: rank {len(shape)} (shape {shape}) not accepted; expected rank {expect_rank}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return dtype, shape, checked_nbytes(shape, itemsize, field=field, max_bytes=max_bytes)
+
+
+def checked_nbytes(shape: list[int], itemsize: int, *, field: str, max_bytes: int) -> int:
+    """Byte size of ``shape`` x ``itemsize``, refusing shapes no tensor of ``max_bytes`` could have.
+
+    Python integers do not overflow, but torch's strides do: ``[0, 2**62, 384]`` holds no bytes yet
+    makes ``torch.empty`` fail (INTERNAL). So every dimension also counts as at least one element
+    against the bound: a zero dimension cannot hide an absurd one.
+    """
     if any(dim < 0 for dim in shape):
         raise InvalidArgument(f"{field}: negative dimension in shape {shape}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = math.prod(shape) * itemsize
+    expected = math.prod(shape) * itemsize  # Python ints: exact, however large the shape
     if expected > max_bytes:
         raise InvalidArgument(
             f"{field}: tensor of shape {shape} ({expected} bytes) exceeds the limit of {max_bytes} bytes;"
             " send a smaller input or raise --max-tensor-mb"
         )
-    return dtype, shape, expected
+    if math.prod(max(dim, 1) for dim in shape) * itemsize > max_bytes:
+        raise InvalidArgument(
+            f"{field}: empty tensor of shape {shape} has a dimension no tensor within the limit of {max_bytes} bytes"
+            " could have; send a shape whose non-zero dimensions fit the limit"
+        )
+    return expected
 
 
 def decode(

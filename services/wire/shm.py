@@ -1,14 +1,25 @@
 """Shared-memory transport for co-located peers: the wire carries a segment name, not the bytes.
 
 Like Triton's shared-memory extension, a sender on the same host writes an activation into a file
-under ``/dev/shm`` and sends only ``Tensor.shm_handle``; the receiver copies it out and unlinks it.
-Plain files (``os.open`` + ``os.write``) are used rather than ``multiprocessing.shared_memory``,
-whose resource tracker on Python 3.11 unlinks or warns about segments that crossed processes.
+and sends only ``Tensor.shm_handle``; the receiver copies it out and unlinks it. Plain files
+(``os.open`` + ``os.write``) are used rather than ``multiprocessing.shared_memory``, whose resource
+tracker on Python 3.11 unlinks or warns about segments that crossed processes.
 
-Ownership: the creator owns a segment until it is sent; once the receiver has read it (or
-rejected it) the receiver unlinks it. A send that fails calls :func:`discard`, and
-:func:`sweep_own` at shutdown removes whatever this process created and nobody consumed, so a
-crash leaks at most the segments in flight.
+Ownership and trust (issue 15): segments live in a private directory, ``/dev/shm/shardmesh-<uid>``
+(mode 0700, owned by this user, refused otherwise), so another user can neither list nor open them.
+Each segment starts with a header: magic, payload length, the creator's pid namespace, a digest of
+the request id it was made for, and an HMAC (key: a random per-directory secret, readable only by
+this user) over all of it and the segment name. A receiver claims a segment only if the MAC holds
+and it was made for the request that names it: a caller naming another request's segment gets
+PERMISSION_DENIED and the segment is left for its owner; a directory, FIFO or symlink named like a
+segment is refused without blocking (``O_NONBLOCK``, ``fstat``) and never deleted.
+
+Lifetime (issue 14): the creator owns a segment until it is sent; once the receiver has claimed it
+(accepted or rejected) the receiver unlinks it. A send that fails or is cancelled calls
+:func:`discard`; :func:`sweep_own` at shutdown removes whatever this process created and nobody
+consumed; :func:`sweep_dead` at start removes segments whose creator died (pid gone, or reused by a
+process that started after the segment was written), so even a SIGKILL leaks only until the next
+router or worker starts on the host.
 
 Measured on the 2-core dev box, 8 MiB float32: ``os.write`` of a memoryview 2.4 ms vs 6.8-11 ms for
 ``mmap`` + copy (fresh tmpfs pages fault one at a time under mmap); ``readv`` into a preallocated
@@ -18,35 +29,118 @@ tensor 2.0 ms vs 4.4-9.1 ms for ``mmap`` + ``torch.frombuffer().clone()``. Hence
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import ipaddress
-import math
 import os
 import re
+import secrets
 import stat
+import struct
 import threading
 import uuid
 from pathlib import Path
 
 import torch
 
-from services.errors import ConfigError, InvalidArgument, ResourceExhausted, Unavailable
+from services.errors import ConfigError, InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from services.gen.shardmesh.v1 import tensor_pb2
 from services.net import split_host_port
 from services.wire import codec
 
 SHM_PREFIX = "shardmesh-"
-SHM_DIR = Path("/dev/shm")
+SHM_ROOT = Path("/dev/shm")
+SHM_DIR = SHM_ROOT / f"{SHM_PREFIX}{os.getuid()}"  # private: 0700, this user's only
+_KEY_NAME = "mac.key"
+_KEY_BYTES = 32
 # Exactly what new_segment_name() produces: no slashes, no dots, nothing outside SHM_DIR.
-_NAME_RE = re.compile(re.escape(SHM_PREFIX) + r"[0-9]{1,10}-[0-9a-f]{32}")
+_NAME_RE = re.compile(re.escape(SHM_PREFIX) + r"([0-9]{1,10})-[0-9a-f]{32}")
 _LOCALHOST_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost", "ip6-loopback"})
+
+# Header: magic, payload bytes, creator's pid namespace inode, sha256(request id)[:16], HMAC-SHA256.
+_MAGIC = b"SMSHM\x01\x00\x00"
+_HEAD = struct.Struct("<8sQQ16s")
+_MAC_BYTES = 32
+HEADER_BYTES = _HEAD.size + _MAC_BYTES
 
 _created: set[str] = set()  # segments this process made and has not seen consumed
 _created_lock = threading.Lock()  # export may run in executor threads
 
 
 def shm_available() -> bool:
-    """Whether this host offers a writable ``/dev/shm`` (not true on macOS or some sandboxes)."""
-    return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK | os.X_OK)
+    """Whether this host offers a usable private segment directory (not on macOS or some sandboxes)."""
+    try:
+        private_dir()
+    except (ConfigError, OSError):
+        return False
+    return True
+
+
+def private_dir() -> Path:
+    """Creates (once) and checks ``SHM_DIR``: a real directory of this user, mode 0700.
+
+    A directory planted by someone else (another owner, a symlink, group/other access) is refused
+    with ConfigError rather than used: whoever controls it could read or swap our activations.
+    """
+    try:
+        os.mkdir(SHM_DIR, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(SHM_DIR)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise ConfigError(
+            f"{SHM_DIR} is not a private directory of uid {os.geteuid()} (mode 0700); remove it so shardmesh"
+            " can create it, or run with --no-shm"
+        )
+    return SHM_DIR
+
+
+def _mac_key() -> bytes:
+    """The per-directory secret: created once (atomically, 0600), then read by every process of this user."""
+    path = private_dir() / _KEY_NAME
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            tmp = path.with_name(f".{_KEY_NAME}.{os.getpid()}.{uuid.uuid4().hex}")
+            tfd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(tfd, secrets.token_bytes(_KEY_BYTES))
+            finally:
+                os.close(tfd)
+            try:
+                os.link(tmp, path)  # atomic: the first process to get here defines the key
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+            continue
+        try:
+            st = os.fstat(fd)
+            key = os.read(fd, _KEY_BYTES + 1)
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077 or len(key) != _KEY_BYTES:
+            raise ConfigError(f"{path} is not a {_KEY_BYTES}-byte file private to uid {os.geteuid()}; remove it")
+        return key
+    raise ConfigError(f"cannot create the shared-memory key {path}")
+
+
+def _pid_namespace() -> int:
+    """Inode of this process's pid namespace (0 if unknown): pids mean something only within one."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _bind_digest(request_id: str) -> bytes:
+    return hashlib.sha256(request_id.encode()).digest()[:16]
+
+
+def _header(name: str, payload_len: int, pidns: int, bound: bytes, key: bytes) -> bytes:
+    head = _HEAD.pack(_MAGIC, payload_len, pidns, bound)
+    return head + hmac.new(key, name.encode() + b"\0" + head, hashlib.sha256).digest()
 
 
 def is_colocated(address: str) -> bool:
@@ -82,7 +176,7 @@ def _is_loopback_host(host: str) -> bool:
 
 
 def new_segment_name() -> str:
-    """``shardmesh-<pid>-<uuid hex>``: the pid lets :func:`sweep_own` skip a parent's segments after fork."""
+    """``shardmesh-<pid>-<uuid hex>``: the pid lets :func:`sweep_dead` find segments whose creator died."""
     return f"{SHM_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
 
 
@@ -95,11 +189,12 @@ def validate_name(name: str, *, field: str) -> str:
     return name
 
 
-def export_tensor(tensor: torch.Tensor, out: tensor_pb2.Tensor) -> str:
-    """Writes ``tensor``'s raw little-endian bytes to a new segment and points ``out`` at it.
+def export_tensor(tensor: torch.Tensor, out: tensor_pb2.Tensor, *, request_id: str = "") -> str:
+    """Writes ``tensor``'s raw little-endian bytes to a new segment made for ``request_id``.
 
     Fills ``out.dtype``, ``out.shape`` and ``out.shm_handle``; ``out.data`` stays empty. Returns the
-    segment name; the caller must :func:`discard` it if the message is never delivered.
+    segment name; the caller must :func:`discard` it if the message is never delivered. Only a
+    request with this id can claim the segment (:func:`import_tensor` with ``request_id``).
     """
     t = tensor.detach()
     if t.device.type != "cpu":
@@ -111,20 +206,20 @@ def export_tensor(tensor: torch.Tensor, out: tensor_pb2.Tensor) -> str:
     out.shape.extend(t.shape)
     payload = memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
+    key = _mac_key()
     name = new_segment_name()
-    path = SHM_DIR / name
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    header = _header(name, len(payload), _pid_namespace(), _bind_digest(request_id), key)
+    fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
     with _created_lock:
         _created.add(name)
     try:
-        written = 0
-        while written < len(payload):  # one call for anything tmpfs accepts; loop for short writes
-            written += os.write(fd, payload[written:])
+        _write_all(fd, memoryview(header))
+        _write_all(fd, payload)  # one call for anything tmpfs accepts
     except OSError as exc:
         discard(name)
         if exc.errno == errno.ENOSPC:
             raise ResourceExhausted(
-                f"{SHM_DIR} is full: cannot place a {len(payload)}-byte tensor in shared memory"
+                f"{SHM_ROOT} is full: cannot place a {len(payload)}-byte tensor in shared memory"
             ) from None
         raise
     finally:
@@ -133,52 +228,92 @@ def export_tensor(tensor: torch.Tensor, out: tensor_pb2.Tensor) -> str:
     return name
 
 
-def import_tensor(msg: tensor_pb2.Tensor, *, field: str, max_bytes: int) -> torch.Tensor:
-    """Checks ``msg``, copies its segment into a fresh tensor and unlinks the segment.
+def _write_all(fd: int, data: memoryview) -> None:
+    written = 0
+    while written < len(data):  # loop for short writes
+        written += os.write(fd, data[written:])
 
-    Every problem with the message is INVALID_ARGUMENT naming ``field``; a segment that no longer
-    exists is UNAVAILABLE, since the sender can recover by resending the bytes inline. The segment
-    is unlinked whether it was accepted or rejected: once handed over, it is the receiver's.
+
+def import_tensor(
+    msg: tensor_pb2.Tensor,
+    *,
+    field: str,
+    max_bytes: int,
+    request_id: str | None = None,
+    expect_dtype: tuple[torch.dtype, ...] | None = None,
+    expect_rank: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """Claims ``msg``'s segment, checks it against the message, copies it out and unlinks it.
+
+    ``request_id``: the request that named the segment; the segment must have been made for it
+    (``None``: any request of this mesh, for callers that read their own peers' replies).
+    Before the claim nothing is deleted: a name that is not one of ours, a non-regular file, or a
+    segment whose MAC or request does not match is refused (INVALID_ARGUMENT / PERMISSION_DENIED)
+    and left alone. After the claim every problem (shape, dtype, size) still unlinks the segment,
+    since its sender handed it over. A segment that no longer exists is UNAVAILABLE: the sender can
+    recover by resending the bytes inline.
     """
     name = validate_name(msg.shm_handle, field=f"{field}.shm_handle")
-    path = SHM_DIR / name
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise Unavailable(
             f"{field}: shared-memory segment {name} is gone; the sender must resend the bytes"
         ) from None
-    except OSError as exc:  # e.g. ELOOP: a symlink planted under our prefix
-        _unlink(name)
+    except OSError as exc:  # e.g. ELOOP: a symlink planted under our prefix; ENXIO: a socket
         raise InvalidArgument(f"{field}: cannot open shared-memory segment {name}: {exc.strerror}") from None
     try:
-        return _read_segment(fd, msg, name=name, field=field, max_bytes=max_bytes)
+        st = os.fstat(fd)  # never read anything but a regular file: a FIFO would block the event loop
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise InvalidArgument(f"{field}: shared-memory segment {name} is not a regular file of this mesh")
+        payload_len = _claim(fd, st.st_size, name, field=field, request_id=request_id)
+        try:
+            return _read_payload(fd, msg, payload_len, name=name, field=field, max_bytes=max_bytes,
+                                 expect_dtype=expect_dtype, expect_rank=expect_rank)
+        finally:
+            _unlink(name)
     finally:
         os.close(fd)
-        _unlink(name)
 
 
-def _read_segment(fd: int, msg: tensor_pb2.Tensor, *, name: str, field: str, max_bytes: int) -> torch.Tensor:
+def _claim(fd: int, size: int, name: str, *, field: str, request_id: str | None) -> int:
+    """Verifies the header (MAC, request binding); returns the payload length. Raises without unlinking."""
+    head = os.pread(fd, HEADER_BYTES, 0) if size >= HEADER_BYTES else b""
+    if len(head) != HEADER_BYTES:
+        raise PermissionDenied(f"{field}: shared-memory segment {name} has no valid shardmesh header")
+    magic, payload_len, _pidns, bound = _HEAD.unpack(head[: _HEAD.size])
+    expected_mac = hmac.new(_mac_key(), name.encode() + b"\0" + head[: _HEAD.size], hashlib.sha256).digest()
+    if magic != _MAGIC or not hmac.compare_digest(expected_mac, head[_HEAD.size :]):
+        raise PermissionDenied(f"{field}: shared-memory segment {name} was not written by a peer of this mesh")
+    if request_id is not None and not hmac.compare_digest(bound, _bind_digest(request_id)):
+        raise PermissionDenied(
+            f"{field}: shared-memory segment {name} was made for another request, not {request_id[:80]!r};"
+            " a request may only hand over its own segments"
+        )
+    if size != HEADER_BYTES + payload_len:
+        raise InvalidArgument(f"{field}: shared-memory segment {name} was truncated or extended after it was written")
+    return int(payload_len)
+
+
+def _read_payload(
+    fd: int,
+    msg: tensor_pb2.Tensor,
+    payload_len: int,
+    *,
+    name: str,
+    field: str,
+    max_bytes: int,
+    expect_dtype: tuple[torch.dtype, ...] | None,
+    expect_rank: tuple[int, ...] | None,
+) -> torch.Tensor:
     if msg.data:
         raise InvalidArgument(f"{field}: carries both inline data and a shared-memory handle")
-    dtype = _torch_dtype(msg.dtype, field=field)
-    shape = list(msg.shape)
-    if len(shape) > codec.MAX_RANK:
-        raise InvalidArgument(f"{field}: rank {len(shape)} exceeds the maximum of {codec.MAX_RANK}")
-    if any(dim < 0 for dim in shape):
-        raise InvalidArgument(f"{field}: negative dimension in shape {shape}")
-    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if expected > max_bytes:
+    dtype, shape, expected = codec.check_header(
+        msg, field=field, max_bytes=max_bytes, expect_dtype=expect_dtype, expect_rank=expect_rank
+    )
+    if payload_len != expected:
         raise InvalidArgument(
-            f"{field}: tensor of shape {shape} ({expected} bytes) exceeds the limit of {max_bytes} bytes;"
-            " send a smaller input or raise --max-tensor-mb"
-        )
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise InvalidArgument(f"{field}: shared-memory segment {name} is not a regular file")
-    if st.st_size != expected:
-        raise InvalidArgument(
-            f"{field}: shared-memory segment {name} has {st.st_size} bytes but shape {shape}"
+            f"{field}: shared-memory segment {name} has {payload_len} bytes but shape {shape}"
             f" x {codec.dtype_name(dtype)} needs {expected}"
         )
     out = torch.empty(shape, dtype=dtype)
@@ -187,23 +322,15 @@ def _read_segment(fd: int, msg: tensor_pb2.Tensor, *, name: str, field: str, max
     buf = memoryview(out.view(-1).view(torch.uint8).numpy())
     done = 0
     while done < expected:
-        got = os.readv(fd, [buf[done:]])
+        got = os.preadv(fd, [buf[done:]], HEADER_BYTES + done)
         if got == 0:
             raise InvalidArgument(f"{field}: shared-memory segment {name} shrank while being read")
         done += got
     return out
 
 
-def _torch_dtype(wire: int, *, field: str) -> torch.dtype:
-    """Wire enum -> torch dtype through the codec's public name table (enum names mirror it)."""
-    try:
-        return codec.dtype_from_name(tensor_pb2.DType.Name(wire).removeprefix("DTYPE_").lower())
-    except (ValueError, InvalidArgument):
-        raise InvalidArgument(f"{field}: unknown or unspecified dtype {wire}") from None
-
-
 def discard(name: str) -> None:
-    """Unlinks a segment if it still exists; for sends that failed before the peer read it."""
+    """Unlinks a segment if it still exists; for sends that failed or were abandoned before the peer read it."""
     _unlink(validate_name(name, field="shm_handle"))
 
 
@@ -221,6 +348,67 @@ def sweep_own() -> int:
         except FileNotFoundError:
             pass  # consumed by the receiver, as intended
     return removed
+
+
+def sweep_dead() -> int:
+    """Unlinks segments whose creator is dead; returns how many. Call at start (router and worker).
+
+    Safe with live processes around: a segment is removed only if it is a regular file of ours
+    with a valid header from this pid namespace, and its creator pid either does not exist or
+    belongs to a process that started after the segment was written (the pid was reused). Anything
+    else, including another live process's segments and entries we did not make, is left alone.
+    """
+    if not shm_available():
+        return 0
+    key, pidns, removed = _mac_key(), _pid_namespace(), 0
+    for entry in os.scandir(SHM_DIR):
+        match = _NAME_RE.fullmatch(entry.name)
+        if match is None or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_size < HEADER_BYTES:
+                continue
+            with open(entry.path, "rb", buffering=0) as f:  # regular file: no blocking open
+                head = f.read(HEADER_BYTES)
+        except OSError:
+            continue
+        magic, _len, creator_ns, _bound = _HEAD.unpack(head[: _HEAD.size])
+        mac = hmac.new(key, entry.name.encode() + b"\0" + head[: _HEAD.size], hashlib.sha256).digest()
+        if magic != _MAGIC or not hmac.compare_digest(mac, head[_HEAD.size :]) or creator_ns != pidns:
+            continue  # not provably ours, or made in another pid namespace where we cannot judge the pid
+        if _alive_since(int(match.group(1)), st.st_mtime):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed += 1
+        except FileNotFoundError:
+            pass  # its receiver consumed it meanwhile
+    return removed
+
+
+def _alive_since(pid: int, written: float) -> bool:
+    """Whether process ``pid`` exists and is the one that could have written at ``written`` (epoch s)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, belongs to someone else: not ours to judge
+    started = _process_start(pid)
+    return started is None or started <= written + 1.0
+
+
+def _process_start(pid: int) -> float | None:
+    """Epoch seconds at which ``pid`` started, from /proc (None where /proc is unavailable)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime"))
+        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
 
 
 def _unlink(name: str) -> None:

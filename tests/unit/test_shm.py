@@ -1,13 +1,15 @@
 from __future__ import annotations
 
 import os
+import stat
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from services.errors import InvalidArgument, Unavailable
+from services.errors import InvalidArgument, PermissionDenied, Unavailable
 from services.gen.shardmesh.v1 import tensor_pb2
 from services.wire import shm
 
@@ -117,7 +119,9 @@ def test_symlink_under_our_prefix_is_not_followed(tmp_path: Path) -> None:
     msg = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1], shm_handle=name)
     with pytest.raises(InvalidArgument, match="cannot open"):
         shm.import_tensor(msg, field="input", max_bytes=LIMIT)
-    assert not os.path.lexists(shm.SHM_DIR / name) and target.exists()
+    # Refused, and not deleted either: a caller must not be able to make a worker remove entries it did not claim.
+    assert os.path.lexists(shm.SHM_DIR / name) and target.exists()
+    os.unlink(shm.SHM_DIR / name)
 
 
 def test_discard_and_sweep_own() -> None:
@@ -171,3 +175,143 @@ def test_throughput_8mib() -> None:
         best = min(best, time.perf_counter() - start)
     assert torch.equal(out, tensor)
     print(f"\nshm export+import 8 MiB: best {best * 1e3:.2f} ms = {tensor.nbytes / best / 1e9:.2f} GB/s")
+
+
+# --- issue 15: segments are bound to their owner; hostile entries are refused without blocking or deleting ---
+
+
+def test_private_directory_is_0700_and_owned_by_us() -> None:
+    st = os.lstat(shm.private_dir())
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o700
+    assert shm.SHM_DIR.parent == shm.SHM_ROOT
+
+
+def test_stealing_another_requests_segment_is_denied_and_owner_still_reads_it() -> None:
+    msg = tensor_pb2.Tensor()
+    name = shm.export_tensor(torch.arange(6.0), msg, request_id="owner/0/0")
+    stolen = tensor_pb2.Tensor()
+    stolen.CopyFrom(msg)
+    with pytest.raises(PermissionDenied, match="made for another request, not 'thief/0/0'"):
+        shm.import_tensor(stolen, field="input", max_bytes=LIMIT, request_id="thief/0/0")
+    assert _exists(name)  # left for its owner
+    out = shm.import_tensor(msg, field="input", max_bytes=LIMIT, request_id="owner/0/0")
+    assert torch.equal(out, torch.arange(6.0)) and not _exists(name)
+
+
+def test_forged_segment_without_our_mac_is_denied_and_left_alone() -> None:
+    name = shm.new_segment_name()
+    path = shm.private_dir() / name
+    path.write_bytes(b"\0" * (shm.HEADER_BYTES + 16))
+    msg = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[4], shm_handle=name)
+    try:
+        with pytest.raises(PermissionDenied, match="not written by a peer of this mesh"):
+            shm.import_tensor(msg, field="input", max_bytes=LIMIT, request_id="r")
+        assert path.exists()
+    finally:
+        path.unlink()
+
+
+def test_directory_named_like_a_segment_is_invalid_argument_and_kept() -> None:
+    name = shm.new_segment_name()
+    path = shm.private_dir() / name
+    path.mkdir()
+    msg = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1], shm_handle=name)
+    try:
+        with pytest.raises(InvalidArgument, match="is not a regular file"):
+            shm.import_tensor(msg, field="input", max_bytes=LIMIT)
+        assert path.is_dir()
+    finally:
+        path.rmdir()
+
+
+def test_fifo_named_like_a_segment_is_refused_without_blocking() -> None:
+    name = shm.new_segment_name()
+    path = shm.private_dir() / name
+    os.mkfifo(path)
+    msg = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1], shm_handle=name)
+    result: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            shm.import_tensor(msg, field="input", max_bytes=LIMIT)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            result.append(exc)
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(5)
+    try:
+        if worker.is_alive():  # unblock the thread (a writer opens the FIFO) before failing
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            pytest.fail("opening a FIFO named like a segment blocked")
+        assert len(result) == 1 and isinstance(result[0], InvalidArgument), result
+        assert "is not a regular file" in str(result[0])
+        assert stat.S_ISFIFO(os.lstat(path).st_mode)
+    finally:
+        os.unlink(path)
+
+
+def test_segment_rejected_on_its_message_header_is_unlinked() -> None:
+    msg = tensor_pb2.Tensor()
+    name = shm.export_tensor(torch.zeros(2, 3), msg, request_id="r")
+    with pytest.raises(InvalidArgument, match="dtype float32 not accepted here"):
+        shm.import_tensor(msg, field="input", max_bytes=LIMIT, request_id="r", expect_dtype=(torch.int64,))
+    assert not _exists(name)
+
+
+def test_overflowing_shape_is_invalid_argument() -> None:
+    msg = tensor_pb2.Tensor()
+    name = shm.export_tensor(torch.zeros(0, 4), msg, request_id="r")
+    msg.shape[:] = [0, 2**62, 384]
+    with pytest.raises(InvalidArgument, match=r"input: empty tensor of shape \[0, 4611686018427387904, 384\]"):
+        shm.import_tensor(msg, field="input", max_bytes=LIMIT, request_id="r")
+    assert not _exists(name)
+
+
+_EXPORT_AND_WAIT = """
+import sys, time, torch
+from services.gen.shardmesh.v1 import tensor_pb2
+from services.wire import shm
+print(shm.export_tensor(torch.zeros(1024), tensor_pb2.Tensor(), request_id="x"), flush=True)
+time.sleep(60)
+"""
+
+
+def test_sweep_dead_removes_a_killed_processes_segments_but_not_live_ones() -> None:
+    import subprocess
+    import sys
+
+    children = [
+        subprocess.Popen([sys.executable, "-c", _EXPORT_AND_WAIT], stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    try:
+        names = [c.stdout.readline().strip() for c in children]  # type: ignore[union-attr]
+        assert all(_exists(n) for n in names)
+        children[0].kill()
+        children[0].wait(10)
+        mine = tensor_pb2.Tensor()
+        own = shm.export_tensor(torch.zeros(4), mine)
+        assert shm.sweep_dead() >= 1
+        assert not _exists(names[0])  # creator SIGKILLed: swept
+        assert _exists(names[1]) and _exists(own)  # creators alive: kept
+        # A pid reused by a process that started after the segment was written does not keep it alive.
+        old = time.time() - 3600
+        os.utime(shm.SHM_DIR / names[1], (old, old))
+        assert shm.sweep_dead() >= 1 and not _exists(names[1])
+        shm.discard(own)
+    finally:
+        for c in children:
+            c.kill()
+            c.wait(10)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_another_user_can_neither_list_nor_open_segments() -> None:
+    import subprocess
+
+    msg = tensor_pb2.Tensor()
+    name = shm.export_tensor(torch.zeros(4), msg)
+    probe = f"ls {shm.SHM_DIR} >/dev/null 2>&1 && echo open || echo denied; cat {shm.SHM_DIR / name} >/dev/null 2>&1 && echo open || echo denied"
+    out = subprocess.run(["/bin/sh", "-c", probe], user=65534, group=65534, capture_output=True, text=True, timeout=30)
+    assert out.stdout.split() == ["denied", "denied"], out.stderr
+    shm.discard(name)
