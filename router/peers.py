@@ -17,6 +17,11 @@ class WorkerPool(PeerPool):
         return self.stream(worker.address, worker.worker_id)
 
     async def describe(self, address: str, timeout_s: float) -> WorkerInfo:
+        """Describes the worker at ``address``, the address discovery gave: that is what the router dials.
+
+        The worker's own idea of its address (``--advertise``, or its bind address) is only logged when it
+        differs: with static discovery or NAT, it may well be unreachable from here (``0.0.0.0`` binds
+        report a loopback address)."""
         try:
             reply: worker_pb2.DescribeResponse = await self.peer(address).stub.Describe(
                 worker_pb2.DescribeRequest(), timeout=timeout_s
@@ -25,7 +30,7 @@ class WorkerPool(PeerPool):
             raise from_rpc_error(exc, address=address) from None
         return WorkerInfo(
             worker_id=reply.worker_id,
-            address=reply.address or address,
+            address=address,
             model_id=reply.model_id,
             architecture=reply.architecture,
             span=LayerSpan(reply.layers.start, reply.layers.end),

@@ -2,6 +2,10 @@
 
 A background task follows the discovery backend and calls Describe on endpoints it has not described
 yet; the table it keeps is swapped whole, so requests in flight keep the snapshot they planned with.
+Described workers are described again when discovery's entry for them changes (Consul Meta), when a
+caller reports a hop that contradicts the table (:meth:`Topology.suspect`), and every ``REDESCRIBE_S``:
+a worker restarted at the same address may serve another layer range or checksum, and nothing else
+would tell the router.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from types import MappingProxyType
 from typing import Mapping
@@ -25,6 +30,7 @@ log = logging.getLogger(__name__)
 
 DESCRIBE_TIMEOUT_S = 2.0
 RETRY_UNDESCRIBED_S = 0.5  # endpoints whose Describe failed (e.g. still loading) are retried this often
+REDESCRIBE_S = 3.0  # every described worker is asked again this often (one small unary call each)
 
 
 class Topology:
@@ -33,6 +39,8 @@ class Topology:
         discovery: Discovery,
         pool: WorkerPool,
         on_change: Callable[[bool, list[WorkerInfo]], Awaitable[None]] | None = None,
+        *,
+        redescribe_s: float = REDESCRIBE_S,
     ) -> None:
         self.discovery = discovery
         self._pool = pool
@@ -43,6 +51,12 @@ class Topology:
         self._changed = asyncio.Event()
         self.last_problem = "no workers described yet"
         self._departed: dict[str, WorkerInfo] = {}  # workers that left, by id: their spans were once served
+        self._described_from: dict[str, Endpoint] = {}  # by address: the discovery entry last described
+        self._suspects: set[str] = set()  # addresses to describe again at the next round
+        self._redescribe_s = redescribe_s
+        self._next_redescribe = time.monotonic() + redescribe_s
+        self._wake = asyncio.Event()
+        self.redescribes = 0  # workers found changed at the same address (metrics, tests)
 
     @property
     def workers(self) -> tuple[WorkerInfo, ...]:
@@ -93,13 +107,44 @@ class Topology:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout_s)
 
+    def suspect(self, address: str, reason: str = "") -> None:
+        """Asks for ``address`` to be described again soon, e.g. after a hop answered FAILED_PRECONDITION
+        about its layers or checksum: the worker there may have restarted with another range."""
+        if address in self._workers and address not in self._suspects:
+            log.info("describing %s again: %s", address, reason or "its answers contradict the table")
+            self._suspects.add(address)
+            self._wake.set()
+
+    def _pending(self) -> bool:
+        """Endpoints not (or no longer) described as discovery lists them."""
+        return any(self._described_from.get(e.address) != e or e.address not in self._workers
+                   for e in self._snapshot.endpoints)
+
+    async def _wait_for_work(self, timeout_s: float) -> DiscoverySnapshot:
+        """Waits for a discovery change, a :meth:`suspect` call or ``timeout_s``; returns the latest snapshot."""
+        self._wake.clear()
+        if not self._suspects:
+            changed = asyncio.create_task(self.discovery.wait_changed(self._snapshot.version, timeout_s))
+            woken = asyncio.create_task(self._wake.wait())
+            try:
+                await asyncio.wait({changed, woken}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (changed, woken):
+                    task.cancel()
+                await asyncio.gather(changed, woken, return_exceptions=True)
+        return self.discovery.snapshot()
+
     async def _follow(self) -> None:
         while True:
             try:
-                undescribed = any(e.address not in self._workers for e in self._snapshot.endpoints)
-                wait = RETRY_UNDESCRIBED_S if undescribed else 5.0
-                snapshot = await self.discovery.wait_changed(self._snapshot.version, wait)
-                await self._refresh(snapshot)
+                now = time.monotonic()
+                wait = RETRY_UNDESCRIBED_S if self._pending() else max(0.0, min(5.0, self._next_redescribe - now))
+                snapshot = await self._wait_for_work(wait)
+                recheck, self._suspects = set(self._suspects), set()
+                if time.monotonic() >= self._next_redescribe:
+                    recheck |= set(self._workers)
+                    self._next_redescribe = time.monotonic() + self._redescribe_s
+                await self._refresh(snapshot, recheck)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the follower must survive any one bad round
@@ -113,7 +158,7 @@ class Topology:
             log.debug("describe %s failed: %s", endpoint.address, exc)
             return None
 
-    async def _refresh(self, snapshot: DiscoverySnapshot) -> None:
+    async def _refresh(self, snapshot: DiscoverySnapshot, recheck: set[str] | frozenset[str] = frozenset()) -> None:
         if snapshot.stale != self._snapshot.stale:
             (log.warning if snapshot.stale else log.info)(
                 "discovery %s: %s", self.discovery.name, snapshot.detail or ("stale" if snapshot.stale else "current")
@@ -121,21 +166,40 @@ class Topology:
         DISCOVERY_STALE.set(1 if snapshot.stale else 0)
         current = dict(self._workers)
         wanted = {e.address: e for e in snapshot.endpoints}
-        new = [e for addr, e in wanted.items() if addr not in current]
-        described = await asyncio.gather(*(self._describe(e) for e in new))
+        # New endpoints, endpoints whose discovery entry changed (e.g. Consul Meta after a restart), rechecks.
+        todo = [e for addr, e in wanted.items()
+                if addr not in current or addr in recheck or self._described_from.get(addr) != e]
+        described = await asyncio.gather(*(self._describe(e) for e in todo))
         table = {addr: w for addr, w in current.items() if addr in wanted}
-        for endpoint, info in zip(new, described):
-            if info is not None:
-                table[endpoint.address] = info
+        changed: list[str] = []
+        for endpoint, info in zip(todo, described):
+            if info is None:  # unreachable or loading: keep what we had; RPC failure detection covers it
+                continue
+            self._described_from[endpoint.address] = endpoint
+            old = table.get(endpoint.address)
+            if old is not None and old != info:
+                changed.append(endpoint.address)
+            table[endpoint.address] = info
+        for addr in set(self._described_from) - set(wanted):
+            del self._described_from[addr]
         removed = set(current) - set(table)
         added = set(table) - set(current)
         self._snapshot = snapshot
-        if removed or added:
+        if removed or added or changed:
             self._workers = MappingProxyType(table)
             for addr in removed:
                 self._departed[current[addr].worker_id] = current[addr]
                 log.info("worker %s (%s) left the routing table", current[addr].worker_id, addr)
                 await self._pool.forget(addr)
+            for addr in changed:
+                old, new = current[addr], table[addr]
+                self.redescribes += 1
+                if old.worker_id != new.worker_id:
+                    self._departed[old.worker_id] = old
+                log.warning("worker at %s changed since it was described: %s layers %s checksum %s -> %s layers %s "
+                            "checksum %s", addr, old.worker_id, old.span, old.checksum[:12], new.worker_id, new.span,
+                            new.checksum[:12])
+            added |= set(changed)
             for addr in added:
                 self._departed.pop(table[addr].worker_id, None)
                 log.info("worker %s (%s) joined: layers %s", table[addr].worker_id, addr, table[addr].span)
