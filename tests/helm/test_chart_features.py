@@ -78,7 +78,8 @@ def test_consul_dependency_points_the_router_at_its_server_service(chart: Any) -
 
 
 def test_connect_inject_registration_by_consul_k8s(chart: Any) -> None:
-    release = render(chart, {"consul": {"address": EXISTING_CONSUL, "registration": "connect-inject", "serviceName": "mesh-a", "tags": ["x", "y"]}})
+    release = render(chart, {"consul": {"address": EXISTING_CONSUL, "registration": "connect-inject", "serviceName": "mesh-a", "tags": ["x", "y"]},
+                             "tls": {"enabled": False}})
     for sts in release.statefulsets:
         pod = sts["spec"]["template"]
         annotations = pod["metadata"]["annotations"]
@@ -103,7 +104,7 @@ def test_connect_inject_registration_by_consul_k8s(chart: Any) -> None:
 
 
 def test_catalog_sync_registration_by_consul_k8s(chart: Any) -> None:
-    release = render(chart, {"consul": {"address": EXISTING_CONSUL, "registration": "catalog-sync"}})
+    release = render(chart, {"consul": {"address": EXISTING_CONSUL, "registration": "catalog-sync"}, "tls": {"enabled": False}})
     headless = [s for s in release.of_kind("Service") if s["spec"].get("clusterIP") == "None"]
     assert len(headless) == 2
     for svc in headless:
@@ -192,7 +193,7 @@ def _probe_ports(container: dict[str, Any]) -> set[int]:
 
 
 def test_without_tls_probes_call_the_grpc_port_and_no_health_listener_opens(chart: Any) -> None:
-    release = render(chart)
+    release = render(chart, {"tls": {"enabled": False}})
     for pod, port in ((_router_pod(release), 50050), *((p, 50051) for p in _worker_pods(release))):
         container = pod["spec"]["containers"][0]
         assert parse_cli(container).health_listen is None
@@ -224,8 +225,8 @@ def _selector(component: str) -> dict[str, Any]:
     return {"matchLabels": {"app.kubernetes.io/name": "shardmesh", "app.kubernetes.io/instance": RELEASE, "app.kubernetes.io/component": component}}
 
 
-def test_network_policy_is_off_by_default(chart: Any) -> None:
-    assert render(chart).of_kind("NetworkPolicy") == []
+def test_network_policy_can_be_turned_off(chart: Any) -> None:
+    assert render(chart, {"networkPolicy": {"enabled": False}}).of_kind("NetworkPolicy") == []
 
 
 def test_network_policy_allows_only_mesh_traffic(chart: Any) -> None:
@@ -233,7 +234,7 @@ def test_network_policy_allows_only_mesh_traffic(chart: Any) -> None:
     release = render(chart, {"networkPolicy": {"enabled": True, "clients": clients}})
     workers = release.one("NetworkPolicy", f"{RELEASE}-shardmesh-worker")
     assert workers["spec"]["podSelector"] == _selector("worker")
-    assert workers["spec"]["policyTypes"] == ["Ingress"]
+    assert workers["spec"]["policyTypes"] == ["Ingress", "Egress"]
     grpc_rule, metrics_rule = workers["spec"]["ingress"]
     assert grpc_rule["from"] == [{"podSelector": _selector("router")}, {"podSelector": _selector("worker")}]
     assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
@@ -251,11 +252,18 @@ def test_network_policy_allows_only_mesh_traffic(chart: Any) -> None:
 
 
 def test_network_policy_admits_consul_agent_health_checks_only_when_they_happen(chart: Any) -> None:
-    grpc_checks = render(chart, {"networkPolicy": {"enabled": True}, "consul": {"address": "$(HOST_IP):8500"}})
-    rule = grpc_checks.one("NetworkPolicy", f"{RELEASE}-shardmesh-worker")["spec"]["ingress"][0]
-    assert {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "consul", "component": "client"}}} in rule["from"]
-    ttl = render(chart, {"networkPolicy": {"enabled": True}, "consul": {"address": "$(HOST_IP):8500", "check": "ttl"}})
-    assert len(ttl.one("NetworkPolicy", f"{RELEASE}-shardmesh-worker")["spec"]["ingress"][0]["from"]) == 2
+    """The agent's gRPC check calls the plaintext health listener with TLS (the default), the gRPC port without;
+    that rule admits the agents only, and only to that port."""
+    agents = {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "consul", "component": "client"}}}
+    for tls, port in ((True, "health"), (False, "grpc")):
+        grpc_checks = render(chart, {"tls": {"enabled": tls}, "consul": {"address": "$(HOST_IP):8500"}})
+        mesh_rule, agent_rule, _ = grpc_checks.one("NetworkPolicy", f"{RELEASE}-shardmesh-worker")["spec"]["ingress"]
+        assert agents not in mesh_rule["from"]
+        assert agent_rule == {"from": [agents], "ports": [{"port": port, "protocol": "TCP"}]}
+        worker = grpc_checks.statefulsets[0]["spec"]["template"]["spec"]["containers"][0]
+        assert port in {p["name"] for p in worker["ports"]}
+    ttl = render(chart, {"consul": {"address": "$(HOST_IP):8500", "check": "ttl"}})
+    assert len(ttl.one("NetworkPolicy", f"{RELEASE}-shardmesh-worker")["spec"]["ingress"]) == 2
 
 
 # ---------- misc ----------

@@ -1,8 +1,10 @@
 """Renders the chart over a matrix of values and checks every rendered object.
 
 Each case is validated against the Kubernetes schema (strict) and against invariants that hold for any
-values: labels, selectors, Services and PDBs selecting the right pods, probes, ports, security settings, and
-every container command parsing with the installed `shardmesh` CLI.
+values: labels, selectors, Services and PDBs selecting the right pods, probes, ports, security settings (every
+TLS, mesh-key and token file a flag names is mounted read-only from a Secret the release has; no plaintext gRPC
+listener with TLS), NetworkPolicies covering every pod, and every container command parsing with the installed
+`shardmesh` CLI.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ FOUR_GROUPS = [
     {"name": "s3", "layers": "5:6", "replicas": 4},
 ]
 SMOLLM2_DIR = "/models/smollm2"
+# consul-k8s registers pod IPs, which no certificate names: the chart refuses those registrations with TLS.
+NO_TLS = {"enabled": False}
+TOKENS = {"0123456789abcdef0123": "team-a", "fedcba9876543210fedc": "team-b"}
 
 CASES: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -51,12 +56,15 @@ CASES: dict[str, dict[str, Any]] = {
         "consul": {"address": "$(HOST_IP):8500", "check": "ttl", "tags": ["prod", "minilm"]},
     },
     "consul-dependency-agent": {"consul": {"enabled": True, "client": {"enabled": True}}},
-    "consul-dependency-connect-inject": {"consul": {"enabled": True, "registration": "connect-inject"}},
+    "consul-dependency-connect-inject": {"consul": {"enabled": True, "registration": "connect-inject"}, "tls": NO_TLS},
     "consul-k8s-connect-inject": {
         "consul": {"address": "consul-server.consul.svc:8500", "registration": "connect-inject", "tags": ["prod"],
                    "aclToken": {"secretName": "consul-acl"}},
+        "tls": NO_TLS,
     },
-    "consul-k8s-catalog-sync": {"consul": {"address": "consul-server.consul.svc:8500", "registration": "catalog-sync"}},
+    "consul-k8s-catalog-sync": {"consul": {"address": "consul-server.consul.svc:8500", "registration": "catalog-sync"},
+                                "tls": NO_TLS},
+    "consul-acl-token-value": {"consul": {"address": "consul-server.consul.svc:8500", "aclToken": {"value": "acl-secret-1"}}},
     "weights-pvc": {"model": SMOLLM2_DIR, "weights": {"source": "pvc", "pvc": {"claimName": "smollm2-weights", "subPath": "v1"}}},
     "weights-init-convert": {"model": SMOLLM2_DIR, "weights": {"source": "init"}},
     "weights-init-copy": {
@@ -70,9 +78,21 @@ CASES: dict[str, dict[str, Any]] = {
         "router": {"healthPort": 8081},
         "worker": {"healthPort": 8082},
     },
+    "tls-cert-manager": {"tls": {"certManager": {"enabled": True}}},
+    "tls-cert-manager-cluster-issuer": {
+        "tls": {"certManager": {"enabled": True, "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}},
+                "routerDnsNames": ["shardmesh.example.com"]},
+    },
+    "dev-insecure": {"tls": NO_TLS, "networkPolicy": {"enabled": False}, "meshKey": {"enabled": False}},
+    "client-auth-tokens": {"router": {"auth": {"tokens": TOKENS, "tenants": {"team-b": {"rate_limit_rps": 5}}},
+                                      "rateLimitRps": 20, "maxTextBytes": 65536}},
+    "client-auth-existing-secret": {"router": {"auth": {"existingSecret": "tokens", "secretKey": "t.yaml"}},
+                                    "test": {"tokenSecret": {"name": "tok", "key": "t"}},
+                                    "meshKey": {"existingSecret": "mesh", "secretKey": "k"}},
     "network-policy": {
         "networkPolicy": {"enabled": True, "clients": [{"namespaceSelector": {"matchLabels": {"team": "search"}}}]},
     },
+    "network-policy-ingress-only": {"networkPolicy": {"egress": {"enabled": False}}},
     "network-policy-consul-agent": {"networkPolicy": {"enabled": True}, "consul": {"address": "$(HOST_IP):8500"}},
     "existing-service-accounts": {"serviceAccount": {"create": False, "routerName": "ops-router", "workerName": "ops-worker"}},
     "everything": {
@@ -80,11 +100,12 @@ CASES: dict[str, dict[str, Any]] = {
         "model": SMOLLM2_DIR,
         "weights": {"source": "pvc", "pvc": {"claimName": "smollm2-weights"}},
         "tls": {"enabled": True, "secretName": "shardmesh-tls"},
-        "networkPolicy": {"enabled": True},
-        "consul": {"address": "consul-server.consul.svc:8500", "registration": "connect-inject"},
+        "networkPolicy": {"enabled": True, "egress": {"extra": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}]}},
+        "consul": {"address": "consul-server.consul.svc:8500", "aclToken": {"value": "acl-1"}},
         "router": {"replicas": 3, "mode": "relay", "requestTimeoutS": 12.5, "hopTimeoutMs": 800, "maxAttempts": 4,
                    "retryBudget": 0.1, "hedgeAfterMs": 50, "ejectAfterFailures": 2, "ejectBaseS": 7.5,
-                   "maxInflight": 1000000, "maxTensorMb": 64,
+                   "maxInflight": 1000000, "maxTensorMb": 64, "rateLimitRps": 2.5, "maxTextBytes": 4096,
+                   "auth": {"tokens": TOKENS},
                    "wireDtype": "bfloat16", "model": SMOLLM2_DIR},
         "worker": {"maxInflight": 32, "maxTensorMb": 128, "threads": 4, "wireDtype": "float16", "cacheBudgetMb": 2048,
                    "sessionTtlS": 120, "graceS": 20, "terminationGracePeriodSeconds": 40},
@@ -224,13 +245,102 @@ def test_probes_use_grpc_health(release: Release) -> None:
 
 
 def test_health_port_is_for_the_kubelet_only(release: Release) -> None:
-    """No Service exposes the plaintext health port, and no NetworkPolicy rule opens it to pods: the kubelet's
-    probes come from the pod's node, which NetworkPolicy always allows."""
+    """No Service exposes the plaintext health port, and no NetworkPolicy rule opens it to pods but the Consul
+    agents whose gRPC check calls it: the kubelet's probes come from the pod's node, which NetworkPolicy always
+    allows."""
+    values = release.values
     for svc in release.of_kind("Service"):
         assert all(p["targetPort"] != "health" and p["name"] != "health" for p in svc["spec"]["ports"])
+    agent_checks = consul_on(values) and values["consul"]["registration"] == "agent" and values["consul"]["check"] == "grpc"
     for policy in release.of_kind("NetworkPolicy"):
         for rule in policy["spec"]["ingress"]:
-            assert all(p["port"] != "health" for p in rule.get("ports", []))
+            if any(p["port"] == "health" for p in rule.get("ports", [])):
+                assert agent_checks and values["tls"]["enabled"], policy["metadata"]["name"]
+                assert rule == {"from": [values["networkPolicy"]["consulAgents"]], "ports": [{"port": "health", "protocol": "TCP"}]}
+
+
+def _secret_sources(release: Release) -> dict[str, set[str] | None]:
+    """Secrets a pod of this release may mount: name -> keys it holds (None: exists outside the chart, or
+    filled by cert-manager with tls.crt, tls.key and ca.crt)."""
+    sources: dict[str, set[str] | None] = {}
+    for secret in release.of_kind("Secret"):
+        sources[secret["metadata"]["name"]] = set(secret.get("data") or {}) | set(secret.get("stringData") or {})
+    for cert in release.of_kind("Certificate"):
+        sources[cert["spec"]["secretName"]] = {"tls.crt", "tls.key", "ca.crt"}
+    values = release.values
+    for name in (values["tls"]["secretName"], values["meshKey"]["existingSecret"], values["router"]["auth"]["existingSecret"],
+                 values["consul"]["aclToken"]["secretName"], values["test"]["tokenSecret"]["name"]):
+        if name:
+            assert name not in sources, f"{name} is named in values and also rendered"
+            sources[name] = None
+    return sources
+
+
+def test_secret_files_are_mounted_read_only_from_the_release_secrets(release: Release) -> None:
+    """Every file a TLS, mesh-key or token flag names lies in a read-only Secret volume of a Secret the release
+    renders (holding that key), fills through cert-manager, or names in values; Secret env vars likewise."""
+    sources = _secret_sources(release)
+    file_flags = ("tls_cert", "tls_key", "tls_ca", "mesh_key_file", "auth_tokens_file")
+    for owner, _, spec in pod_templates(release):
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        container = spec["containers"][0]
+        args = vars(parse_cli(container, f"{owner['metadata']['name']}-0"))
+        for flag in file_flags:
+            path = args.get(flag)
+            if not path:
+                continue
+            mount = next((m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")), None)
+            assert mount is not None, f"{owner['metadata']['name']}: --{flag} {path} is on no volume"
+            assert mount.get("readOnly") is True and "subPath" not in mount, mount
+            secret = volumes[mount["name"]]["secret"]
+            assert secret["defaultMode"] == 0o440
+            key = path[len(mount["mountPath"].rstrip("/")) + 1:]
+            if "items" in secret:
+                (item,) = secret["items"]
+                assert item["path"] == key
+                key = item["key"]
+            assert secret["secretName"] in sources, f"{owner['metadata']['name']}: Secret {secret['secretName']} is nowhere"
+            held = sources[secret["secretName"]]
+            assert held is None or key in held, f"Secret {secret['secretName']} has no key {key} (has {held})"
+        for env in container.get("env", []):
+            ref = env.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                held = sources.get(ref["name"], set())
+                assert ref["name"] in sources and (held is None or ref["key"] in held), env
+
+
+def test_tls_means_no_plaintext_grpc_listener(release: Release) -> None:
+    """With TLS, every container port is the TLS gRPC port, the health-only port (--health-listen) or metrics;
+    router and workers present a certificate and, with mutual TLS, verify their peers'."""
+    values = release.values
+    if not values["tls"]["enabled"]:
+        return
+    for owner, _, spec in pod_templates(release):
+        if owner["kind"] == "Pod":
+            continue
+        main = spec["containers"][0]
+        args = parse_cli(main, f"{owner['metadata']['name']}-0")
+        assert {p["name"] for p in main["ports"]} == {"grpc", "health", "metrics"}
+        assert args.tls_cert and args.tls_key and bool(args.tls_ca) == values["tls"]["mutual"]
+        assert args.listen == f"0.0.0.0:{container_port(main, 'grpc')}"
+        assert args.health_listen == f"0.0.0.0:{container_port(main, 'health')}"
+    for svc in release.of_kind("Service"):
+        assert {p["name"] for p in svc["spec"]["ports"]} == {"grpc", "metrics"}
+
+
+def test_network_policies_cover_every_mesh_pod(release: Release) -> None:
+    np = release.values["networkPolicy"]
+    policies = release.of_kind("NetworkPolicy")
+    if not np["enabled"]:
+        assert policies == []
+        return
+    expected_types = ["Ingress", "Egress"] if np["egress"]["enabled"] else ["Ingress"]
+    for owner, meta, _ in pod_templates(release):
+        if owner["kind"] == "Pod":
+            continue
+        (policy,) = [p for p in policies if selects(p["spec"]["podSelector"]["matchLabels"], meta["labels"])]
+        assert policy["spec"]["policyTypes"] == expected_types
+        assert ("egress" in policy["spec"]) is np["egress"]["enabled"]
 
 
 def test_pods_are_locked_down(release: Release) -> None:
@@ -283,7 +393,12 @@ def test_worker_flags_match_the_pod(release: Release) -> None:
         assert args.model == values["model"]
         assert LayerSpan.parse(args.layers) == LayerSpan.parse(shard["layers"])
         assert args.listen == f"0.0.0.0:{grpc_port}" and grpc_port == values["worker"]["port"]
-        assert args.advertise == f"{POD_ENV_SAMPLE['POD_IP']}:{grpc_port}"
+        if values["tls"]["enabled"]:
+            # Peers verify the worker's certificate, which names its per-pod DNS name (not its pod IP).
+            assert args.advertise == f"{pod_name}.{sts['spec']['serviceName']}.{NAMESPACE}.svc.cluster.local:{grpc_port}"
+        else:
+            assert args.advertise == f"{POD_ENV_SAMPLE['POD_IP']}:{grpc_port}"
+        assert bool(getattr(args, "mesh_key_file", None)) is values["meshKey"]["enabled"]
         assert args.worker_id == pod_name
         assert args.metrics_listen == f"0.0.0.0:{container_port(worker, 'metrics')}"
         if registration == "agent":
@@ -322,9 +437,13 @@ def test_router_flags_match_the_release(release: Release) -> None:
         ]
         assert list(parse_addresses(args.workers)) == expected
     assert release.router["spec"]["replicas"] == values["router"]["replicas"]
+    auth = values["router"]["auth"]
+    assert bool(args.auth_tokens_file) == bool(auth["existingSecret"] or auth["tokens"])
+    assert bool(getattr(args, "mesh_key_file", None)) is values["meshKey"]["enabled"]
     # Optional flags: rendered only when set, else the CLI default applies.
     defaults = build_parser().parse_args(["router", "--workers", "x:1"])
-    for key, attr in (("ejectAfterFailures", "eject_after_failures"), ("ejectBaseS", "eject_base_s")):
+    for key, attr in (("ejectAfterFailures", "eject_after_failures"), ("ejectBaseS", "eject_base_s"),
+                      ("rateLimitRps", "rate_limit_rps"), ("maxTextBytes", "max_text_bytes")):
         expected = values["router"].get(key)  # null defaults drop out of the merged values
         assert getattr(args, attr) == (getattr(defaults, attr) if expected is None else expected)
         assert ("--" + attr.replace("_", "-") in router["args"]) is (expected is not None)

@@ -31,11 +31,13 @@ def test_engine_is_bundled_helm_v4() -> None:
     "values",
     [
         {},
-        {"consul": {"address": "consul:8500", "registration": "connect-inject"}},
+        {"consul": {"address": "consul:8500", "registration": "connect-inject"}, "tls": {"enabled": False}},
         {"tls": {"enabled": True, "secretName": "t"}, "networkPolicy": {"enabled": True}},
+        {"tls": {"certManager": {"enabled": True}}, "router": {"auth": {"tokens": {"x" * 16: "a"}}}},
+        {"tls": {"enabled": False}, "networkPolicy": {"enabled": False}, "meshKey": {"enabled": False}},
         {"model": "/models/m", "weights": {"source": "init"}},
     ],
-    ids=["defaults", "connect-inject", "tls-netpol", "weights-init"],
+    ids=["defaults", "connect-inject", "tls-secret", "cert-manager-auth", "dev-insecure", "weights-init"],
 )
 def test_lint_is_clean(values: dict[str, Any]) -> None:
     report = helm.lint(CHART_DIR, values, kube_version=f"v{KUBE_VERSION}")
@@ -85,12 +87,21 @@ def _shards(**entry: Any) -> dict[str, Any]:
         ({"router": {"ejectAfterFailures": 0}}, ["/router/ejectAfterFailures", "minimum"]),
         ({"router": {"ejectBaseS": 0}}, ["/router/ejectBaseS"]),
         ({"worker": {"healthPort": 70000}}, ["/worker/healthPort", "maximum"]),
+        ({"router": {"auth": {"tokens": {"short": "team-a"}}}}, ["/router/auth/tokens", "additional properties 'short' not allowed"]),
+        ({"router": {"auth": {"tokens": {"x" * 16: ""}}}}, ["/router/auth/tokens", "minLength"]),
+        ({"router": {"rateLimitRps": 0}}, ["/router/rateLimitRps"]),
+        ({"router": {"maxTextBytes": 0}}, ["/router/maxTextBytes", "minimum"]),
+        ({"tls": {"certManager": {"duration": "90 days"}}}, ["/tls/certManager/duration", "does not match pattern"]),
+        ({"meshKey": {"secretKey": "a/b"}}, ["/meshKey/secretKey", "does not match pattern"]),
+        ({"networkPolicy": {"egress": {"consul": {"ports": []}}}}, ["/networkPolicy/egress/consul/ports", "minItems"]),
+        ({"tls": {"generated": {"validityDays": 0}}}, ["/tls/generated/validityDays", "minimum"]),
     ],
     ids=[
         "replicas-0", "unknown-shard-key", "layers-dash", "layers-letters", "layers-negative", "bad-group-name",
         "no-shards", "router-replicas-0", "bad-mode", "bad-dtype", "unknown-top-level-key", "unknown-router-key",
         "bad-weights-source", "bad-registration", "consul-address-url", "eject-after-0", "eject-base-0",
-        "health-port-too-big",
+        "health-port-too-big", "short-token", "empty-tenant", "rate-limit-0", "max-text-0", "cert-duration",
+        "mesh-key-path", "no-consul-ports", "validity-0",
     ],
 )
 def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], expected: list[str]) -> None:
@@ -115,10 +126,25 @@ def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], expected:
         ({"fullnameOverride": "x" * 40, **_shards(name="long-group-name")}, "longer than 52 characters"),
         ({"weights": {"source": "pvc"}, "model": "/models/m"}, "set weights.pvc.claimName"),
         ({"weights": {"source": "init"}}, 'model "minilm" must be a directory under weights.mountPath "/models"'),
-        ({"tls": {"enabled": True}}, "set tls.secretName"),
+        (
+            {"tls": {"secretName": "t", "certManager": {"enabled": True}}},
+            "set either tls.secretName (an existing Secret) or tls.certManager.enabled",
+        ),
+        (
+            {"consul": {"address": "c:8500", "registration": "connect-inject"}},
+            "tls.enabled with consul.registration=connect-inject: consul-k8s registers the worker pods' IP addresses",
+        ),
+        (
+            {"consul": {"address": "c:8500", "aclToken": {"secretName": "acl", "value": "x"}}},
+            "consul.aclToken: set either secretName (an existing Secret) or value",
+        ),
+        (
+            {"router": {"auth": {"existingSecret": "tok", "tokens": {"x" * 16: "a"}}}},
+            "router.auth: set either existingSecret (an existing Secret) or tokens",
+        ),
         ({"worker": {"graceS": 30}}, "worker.graceS (30 s) must be shorter than worker.terminationGracePeriodSeconds (30 s)"),
         ({"consul": {"enabled": True}}, "consul.registration=agent needs Consul client agents"),
-        ({"consul": {"enabled": True, "registration": "catalog-sync"}}, "set consul.syncCatalog.enabled=true"),
+        ({"consul": {"enabled": True, "registration": "catalog-sync"}, "tls": {"enabled": False}}, "set consul.syncCatalog.enabled=true"),
         (
             {"tls": {"enabled": True, "secretName": "t"}, "worker": {"healthPort": 50051}},
             "worker.port and worker.healthPort are both 50051: each listener of the worker needs its own port",
@@ -126,7 +152,8 @@ def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], expected:
         ({"router": {"metricsPort": 50050}}, "router.port and router.metricsPort are both 50050"),
     ],
     ids=["layers-5:3", "layers-empty", "duplicate-group", "name-too-long", "pvc-without-claim", "init-model-not-under-mount",
-         "tls-without-secret", "grace-longer-than-termination", "consul-agent-without-clients", "catalog-sync-without-sync",
+         "tls-secret-and-cert-manager", "tls-with-connect-inject", "acl-token-twice", "tokens-twice",
+         "grace-longer-than-termination", "consul-agent-without-clients", "catalog-sync-without-sync",
          "health-port-clash", "metrics-port-clash"],
 )
 def test_template_checks_what_the_schema_cannot(chart: Any, values: dict[str, Any], expected: str) -> None:

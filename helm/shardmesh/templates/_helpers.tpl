@@ -101,6 +101,147 @@ helm.sh/chart: {{ include "shardmesh.chart" .ctx }}
 {{- end -}}
 {{- end -}}
 
+{{/* ---------- secrets: TLS, mesh key, client tokens, Consul ACL token ---------- */}}
+
+{{/* Where TLS certificates come from: "secret" (tls.secretName), "cert-manager", "generated", or "" (TLS off). */}}
+{{- define "shardmesh.tlsSource" -}}
+{{- if .Values.tls.enabled -}}
+{{- if .Values.tls.secretName -}}secret
+{{- else if .Values.tls.certManager.enabled -}}cert-manager
+{{- else -}}generated
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The TLS Secret a component mounts: tls.secretName for everyone, else <fullname>-<component>-tls (router, worker,
+client: the helm test pod's client certificate). Call with (dict "ctx" $ "component" "router").
+*/}}
+{{- define "shardmesh.tlsSecretName" -}}
+{{- if .ctx.Values.tls.secretName -}}
+{{- .ctx.Values.tls.secretName -}}
+{{- else -}}
+{{- printf "%s-%s-tls" (include "shardmesh.fullname" .ctx) .component -}}
+{{- end -}}
+{{- end -}}
+
+{{/* DNS names and IPs in the router's certificate: its Service in every form clients use, plus port-forwards. */}}
+{{- define "shardmesh.routerCertNames" -}}
+{{- $svc := include "shardmesh.routerName" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- $dns := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.clusterDomain) "localhost" -}}
+{{- toJson (dict "dns" (concat $dns .Values.tls.routerDnsNames) "ips" (concat (list "127.0.0.1") .Values.tls.routerIpAddresses)) -}}
+{{- end -}}
+
+{{/* DNS names in the workers' certificate: every pod of every shard group (what the router and peers dial). */}}
+{{- define "shardmesh.workerCertNames" -}}
+{{- $dns := list "localhost" -}}
+{{- range $s := .Values.shards -}}
+{{- $group := include "shardmesh.groupName" (dict "ctx" $ "shard" $s) -}}
+{{- $domain := printf "%s.%s.svc.%s" $group $.Release.Namespace $.Values.clusterDomain -}}
+{{- $dns = concat $dns (list (printf "*.%s" $domain) $domain) -}}
+{{- end -}}
+{{- toJson (dict "dns" $dns "ips" (list "127.0.0.1")) -}}
+{{- end -}}
+
+{{/* A worker's per-pod DNS name (what it advertises with TLS). Call with (dict "ctx" $ "shard" $s). */}}
+{{- define "shardmesh.workerPodHost" -}}
+{{- $group := include "shardmesh.groupName" . -}}
+{{- printf "$(POD_NAME).%s.%s.svc.%s" $group .ctx.Release.Namespace .ctx.Values.clusterDomain -}}
+{{- end -}}
+
+{{- define "shardmesh.meshKeySecretName" -}}
+{{- default (printf "%s-mesh-key" (include "shardmesh.fullname" .)) .Values.meshKey.existingSecret -}}
+{{- end -}}
+
+{{/* "true" when the router authenticates clients by bearer token (router.auth), "" otherwise. */}}
+{{- define "shardmesh.clientAuthOn" -}}
+{{- if or .Values.router.auth.existingSecret .Values.router.auth.tokens -}}true{{- end -}}
+{{- end -}}
+
+{{- define "shardmesh.authSecretName" -}}
+{{- default (printf "%s-router-tokens" (include "shardmesh.fullname" .)) .Values.router.auth.existingSecret -}}
+{{- end -}}
+
+{{/* The Secret holding the Consul ACL token, or "" when there is none. */}}
+{{- define "shardmesh.consulAclSecretName" -}}
+{{- if .Values.consul.aclToken.secretName -}}
+{{- .Values.consul.aclToken.secretName -}}
+{{- else if .Values.consul.aclToken.value -}}
+{{- printf "%s-consul-acl" (include "shardmesh.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Security flags: --mesh-key-file (router and workers), --auth-tokens-file (router). Call with
+(dict "ctx" $ "component" "router").
+*/}}
+{{- define "shardmesh.securityArgs" -}}
+{{- $v := .ctx.Values -}}
+{{- $args := list -}}
+{{- if $v.meshKey.enabled -}}
+{{- $args = concat $args (list "--mesh-key-file" (printf "%s/%s" (trimSuffix "/" $v.meshKey.mountPath) $v.meshKey.secretKey)) -}}
+{{- end -}}
+{{- if and (eq .component "router") (include "shardmesh.clientAuthOn" .ctx) -}}
+{{- $args = concat $args (list "--auth-tokens-file" (printf "%s/%s" (trimSuffix "/" $v.router.auth.mountPath) $v.router.auth.secretKey)) -}}
+{{- end -}}
+{{- with $args -}}
+{{- toYaml . -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Read-only Secret volumes of a component: TLS (router, worker, client = the helm test pod), mesh key (router,
+worker), client tokens (router). Secret volumes, never subPath mounts, so the kubelet updates changed files.
+Call with (dict "ctx" $ "component" "router").
+*/}}
+{{- define "shardmesh.secretVolumeMounts" -}}
+{{- $v := .ctx.Values -}}
+{{- if $v.tls.enabled }}
+- name: tls
+  mountPath: {{ $v.tls.mountPath }}
+  readOnly: true
+{{- end }}
+{{- if and $v.meshKey.enabled (ne .component "client") }}
+- name: mesh-key
+  mountPath: {{ $v.meshKey.mountPath }}
+  readOnly: true
+{{- end }}
+{{- if and (eq .component "router") (include "shardmesh.clientAuthOn" .ctx) }}
+- name: auth-tokens
+  mountPath: {{ $v.router.auth.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "shardmesh.secretVolumes" -}}
+{{- $v := .ctx.Values -}}
+{{- if $v.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "shardmesh.tlsSecretName" . }}
+    defaultMode: 288  # 0440: readable by the pod's fsGroup only
+{{- end }}
+{{- if and $v.meshKey.enabled (ne .component "client") }}
+- name: mesh-key
+  secret:
+    secretName: {{ include "shardmesh.meshKeySecretName" .ctx }}
+    defaultMode: 288
+    items:
+      - key: {{ $v.meshKey.secretKey }}
+        path: {{ $v.meshKey.secretKey }}
+{{- end }}
+{{- if and (eq .component "router") (include "shardmesh.clientAuthOn" .ctx) }}
+- name: auth-tokens
+  secret:
+    secretName: {{ include "shardmesh.authSecretName" .ctx }}
+    defaultMode: 288
+    items:
+      - key: {{ $v.router.auth.secretKey }}
+        path: {{ $v.router.auth.secretKey }}
+{{- end }}
+{{- end -}}
+
 {{/* ---------- validation the schema cannot express ---------- */}}
 
 {{- define "shardmesh.validate" -}}
@@ -156,8 +297,18 @@ helm.sh/chart: {{ include "shardmesh.chart" .ctx }}
 {{- $_ := set $ports $key (index . 0) -}}
 {{- end -}}
 {{- end -}}
-{{- if and .Values.tls.enabled (not .Values.tls.secretName) -}}
-{{- fail "tls.enabled: set tls.secretName to a Secret with tls.crt, tls.key and ca.crt" -}}
+{{- if and .Values.tls.enabled .Values.tls.secretName .Values.tls.certManager.enabled -}}
+{{- fail "tls: set either tls.secretName (an existing Secret) or tls.certManager.enabled (cert-manager Certificates), not both" -}}
+{{- end -}}
+{{- $registration := include "shardmesh.consulRegistration" . -}}
+{{- if and .Values.tls.enabled (has $registration (list "connect-inject" "catalog-sync")) -}}
+{{- fail (printf "tls.enabled with consul.registration=%s: consul-k8s registers the worker pods' IP addresses, which no certificate names, so the router could not verify the workers; use consul.registration=agent (with TLS, workers register their per-pod DNS names), or set tls.enabled=false" $registration) -}}
+{{- end -}}
+{{- if and .Values.consul.aclToken.secretName .Values.consul.aclToken.value -}}
+{{- fail "consul.aclToken: set either secretName (an existing Secret) or value (the chart creates the Secret), not both" -}}
+{{- end -}}
+{{- if and .Values.router.auth.existingSecret .Values.router.auth.tokens -}}
+{{- fail "router.auth: set either existingSecret (an existing Secret) or tokens (the chart creates the Secret), not both" -}}
 {{- end -}}
 {{- if and (not .Values.consul.address) .Values.consul.enabled -}}
 {{- if and (eq .Values.consul.registration "agent") (not (dig "client" "enabled" false .Values.consul)) -}}
@@ -191,11 +342,12 @@ helm.sh/chart: {{ include "shardmesh.chart" .ctx }}
   value: {{ printf "%s/huggingface" (trimSuffix "/" .Values.cache.path) | quote }}
 - name: HF_HUB_OFFLINE
   value: "1"
-{{- if and (include "shardmesh.consulOn" .) .Values.consul.aclToken.secretName }}
+{{- $aclSecret := include "shardmesh.consulAclSecretName" . }}
+{{- if and (include "shardmesh.consulOn" .) $aclSecret }}
 - name: CONSUL_HTTP_TOKEN
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.consul.aclToken.secretName }}
+      name: {{ $aclSecret }}
       key: {{ .Values.consul.aclToken.secretKey }}
 {{- end }}
 {{- with .Values.extraEnv }}
@@ -267,11 +419,6 @@ livenessProbe:
   {{- end }}
   {{- end }}
 {{- end }}
-{{- if .Values.tls.enabled }}
-- name: tls
-  mountPath: {{ .Values.tls.mountPath }}
-  readOnly: true
-{{- end }}
 {{- end -}}
 
 {{- define "shardmesh.volumes" -}}
@@ -290,12 +437,6 @@ livenessProbe:
 - name: weights
   emptyDir:
     sizeLimit: {{ .Values.weights.init.sizeLimit }}
-{{- end }}
-{{- if .Values.tls.enabled }}
-- name: tls
-  secret:
-    secretName: {{ .Values.tls.secretName }}
-    defaultMode: 288  # 0440: readable by the pod's fsGroup only
 {{- end }}
 {{- end -}}
 
