@@ -52,6 +52,7 @@ class WorkerConfig:
     metrics_listen: str | None
     log_level: str
     health_listen: str | None = None
+    max_batch_tokens: int = 32768  # batch x tokens of one request; larger is refused before compute
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> WorkerConfig:
@@ -59,7 +60,7 @@ class WorkerConfig:
         split_host_port(args.listen, what="--listen")
         if args.advertise:
             split_host_port(args.advertise, what="--advertise")
-        for name in ("max_inflight", "max_tensor_mb", "grace_s", "cache_budget_mb", "session_ttl_s"):
+        for name in ("max_inflight", "max_tensor_mb", "grace_s", "cache_budget_mb", "session_ttl_s", "max_batch_tokens"):
             _positive("--" + name.replace("_", "-"), getattr(args, name))
         consul = None
         if not args.no_consul_register and (args.consul or env.get("CONSUL_HTTP_ADDR")):
@@ -89,6 +90,7 @@ class WorkerConfig:
             metrics_listen=args.metrics_listen,
             log_level=args.log_level,
             health_listen=args.health_listen,
+            max_batch_tokens=args.max_batch_tokens,
         )
 
     def resolved_worker_id(self, bound_address: str) -> str:

@@ -57,7 +57,7 @@ async def serve(config: WorkerConfig) -> int:
     stage = load.result()
     log.info("loaded %d parameters for layers %s", stage.parameter_count(), config.span)
 
-    engine = StageEngine(stage, worker_id, config.max_inflight)
+    engine = StageEngine(stage, worker_id, config.max_inflight, max_batch_tokens=config.max_batch_tokens)
     peers = PeerPool(config.tls if config.tls.enabled else None)
     sessions = None
     if hasattr(stage, "step"):  # llama stages keep per-session KV caches for generation

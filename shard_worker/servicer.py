@@ -84,4 +84,5 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     @grpc_errors
     async def CloseSession(self, request: worker_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext) -> worker_pb2.CloseSessionResponse:
         sessions = self._core.sessions
-        return worker_pb2.CloseSessionResponse(existed=sessions.close(request.session_id) if sessions else False)
+        existed = sessions.close(request.session_id, request.session_key) if sessions else False
+        return worker_pb2.CloseSessionResponse(existed=existed)

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--worker-id", help="stable id for this instance (default: derived from host, port and layers)")
     w.add_argument("--max-inflight", type=int, default=64, help="requests admitted at once; more get RESOURCE_EXHAUSTED")
     w.add_argument("--max-tensor-mb", type=int, default=256, help="largest tensor accepted from the wire, in MiB")
+    w.add_argument("--max-batch-tokens", type=int, default=32768,
+                   help="largest batch x tokens of one request (bounds its memory and compute time); more gets "
+                        "INVALID_ARGUMENT naming the limit")
     w.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, seconds to finish in-flight requests")
     w.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     w.add_argument("--wire-dtype", choices=["float32", "float16", "bfloat16"], default="float32",

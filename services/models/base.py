@@ -92,4 +92,6 @@ class SpanStage:
         )
         limit = getattr(self.config, "max_position_embeddings", None)
         if limit is not None and x.shape[1] > limit:
-            raise InvalidArgument(f"{x.shape[1]} tokens exceed the model's maximum of {limit}; shorten the input")
+            raise InvalidArgument(
+                f"{x.shape[1]} tokens exceed the model's maximum of {limit} (max_position_embeddings); shorten the input"
+            )

@@ -21,6 +21,7 @@ from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
 from services.errors import ConfigError
 from services.layers import LayerSpan
 from services.models.base import SpanStage, ModelSource
+from services.models.interrupt import checkpoint
 from services.models.sentence_config import read_sentence_config
 from services.models.weights import WeightReader, assert_materialised, count_parameters, load_module
 
@@ -107,7 +108,9 @@ class BertStage(SpanStage):
             # BertModel._create_attention_masks for an encoder: None when nothing is padded, else a 4-D bool mask.
             mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
             for layer in self.layers:
+                checkpoint()  # a cancelled or timed-out request stops here, between layers
                 hidden = layer(hidden, mask)
+            checkpoint()
             if not self.is_last:
                 return hidden
             embedding = pool(hidden, attention_mask, self.sentence.pooling_modes)

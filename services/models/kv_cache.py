@@ -11,6 +11,8 @@ tensors themselves, and nothing here touches the network.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from services.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 
 MIB = 1 << 20
 
@@ -34,6 +36,15 @@ class SessionCache:
     expires_at: float = float("inf")
     cache: DynamicCache = field(default_factory=DynamicCache)
     position: int = 0  # tokens held = the position the next step must start at
+    owner: bytes = b""  # sha256 of the session key it was opened with; b"" = opened without one
+
+    def check_owner(self, key: bytes) -> None:
+        """Only the caller that opened the session (it holds the key) may step or close it."""
+        if not hmac.compare_digest(self.owner, owner_digest(key)):
+            raise PermissionDenied(
+                f"session {self.session_id!r} belongs to another caller: the session key does not match the "
+                "one it was opened with"
+            )
 
     def check_position(self, position: int) -> None:
         """Refuses a step that does not continue exactly where the cache ends."""
@@ -90,13 +101,17 @@ class SessionCacheStore:
         with self._lock:
             return sum(s.nbytes for s in self._sessions.values())
 
-    def open(self, session_id: str, ttl_s: float, now: float, *, reserve_tokens: int = 1) -> SessionCache:
-        """Starts an empty session. Re-opening an empty one is a no-op, so a retried open is harmless."""
+    def open(
+        self, session_id: str, ttl_s: float, now: float, *, reserve_tokens: int = 1, key: bytes = b""
+    ) -> SessionCache:
+        """Starts an empty session owned by ``key`` (see :meth:`SessionCache.check_owner`). Re-opening an
+        empty one with the same key is a no-op, so a retried open is harmless."""
         if ttl_s <= 0:
             raise InvalidArgument(f"session ttl must be positive; got {ttl_s}")
         with self._lock:
             existing = self._sessions.get(session_id)
             if existing is not None:
+                existing.check_owner(key)
                 if existing.position != 0:
                     raise FailedPrecondition(
                         f"session {session_id!r} is already open at position {existing.position}; close it first"
@@ -104,7 +119,7 @@ class SessionCacheStore:
                 existing.ttl_s, existing.expires_at = ttl_s, now + ttl_s
                 return existing
             self._admit(reserve_tokens, f"a new session of {reserve_tokens} tokens")
-            session = SessionCache(session_id, ttl_s=ttl_s, expires_at=now + ttl_s)
+            session = SessionCache(session_id, ttl_s=ttl_s, expires_at=now + ttl_s, owner=owner_digest(key))
             self._sessions[session_id] = session
             return session
 
@@ -113,18 +128,27 @@ class SessionCacheStore:
         with self._lock:
             return self._live(session_id, now)
 
-    def prepare_step(self, session_id: str, position: int, new_tokens: int, now: float) -> SessionCache:
-        """Everything a step checks before it runs: the session exists, the position, room for the growth."""
+    def prepare_step(
+        self, session_id: str, position: int, new_tokens: int, now: float, *, key: bytes = b""
+    ) -> SessionCache:
+        """Everything a step checks before it runs: the session exists, its owner, the position, room for the growth."""
         with self._lock:
             session = self._live(session_id, now)
+            session.check_owner(key)
             session.check_position(position)
             self._admit(new_tokens, f"session {session_id!r} growing by {new_tokens} tokens")
             return session
 
-    def close(self, session_id: str) -> bool:
-        """Frees the session's tensors; False if it was not open (closing twice is not an error)."""
+    def close(self, session_id: str, key: bytes = b"") -> bool:
+        """Frees the session's tensors; False if it was not open (closing twice is not an error).
+        PermissionDenied if ``key`` is not the one the session was opened with."""
         with self._lock:
-            return self._sessions.pop(session_id, None) is not None
+            session = self._sessions.get(session_id)
+            if session is None:
+                return False
+            session.check_owner(key)
+            del self._sessions[session_id]
+            return True
 
     def expire(self, now: float) -> list[str]:
         """Drops sessions idle past their TTL and returns their ids (call it periodically)."""
@@ -189,6 +213,11 @@ class LeftPaddedBatchCache:
             keys[row, :, self.width - row_keys.shape[-2] :] = row_keys[0]
             values[row, :, self.width - row_values.shape[-2] :] = row_values[0]
         return keys, values
+
+
+def owner_digest(key: bytes) -> bytes:
+    """What a session stores of its key: a digest, so the key itself is never kept (b"" stays b"")."""
+    return hashlib.sha256(key).digest() if key else b""
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

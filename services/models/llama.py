@@ -23,6 +23,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 from services.errors import InvalidArgument
 from services.layers import LayerSpan
 from services.models.base import SpanStage, ModelSource
+from services.models.interrupt import checkpoint
 from services.models.kv_cache import LeftPaddedBatchCache, SessionCache, kv_bytes_per_token
 from services.models.weights import WeightReader, assert_materialised, count_parameters, load_module
 
@@ -120,6 +121,7 @@ class LlamaStage(SpanStage):
         """This stage's decoder layers, as LlamaModel runs them (one rotary table for all layers)."""
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for layer in self.layers:
+            checkpoint()  # a cancelled or timed-out request stops here, between layers
             hidden = layer(
                 hidden,
                 attention_mask=mask,
@@ -128,6 +130,7 @@ class LlamaStage(SpanStage):
                 cache=cache,  # a Cache, or the duck-typed LeftPaddedBatchCache (update only)
                 use_cache=cache is not None,
             )
+        checkpoint()
         return hidden
 
     @property

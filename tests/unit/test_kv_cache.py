@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from services.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from services.layers import LayerSpan
 from services.models.base import ModelSource
 from services.models.kv_cache import MIB, SessionCache, SessionCacheStore, kv_bytes_per_token
@@ -135,6 +135,35 @@ def test_step_at_the_wrong_position_is_refused_naming_both_numbers() -> None:
         with pytest.raises(FailedPrecondition, match=rf"step starts at position {wrong} but the cache holds 5 tokens"):
             store.prepare_step("a", position=wrong, new_tokens=1, now=1)
     assert store.prepare_step("a", position=5, new_tokens=1, now=1).position == 5
+
+
+def test_a_session_belongs_to_the_key_it_was_opened_with() -> None:
+    store = SessionCacheStore(budget_bytes=MIB, bytes_per_token=PER_TOKEN)
+    owned = store.open("a", ttl_s=10, now=0, key=b"secret-a")
+    assert owned.owner and b"secret-a" not in owned.owner  # a digest is kept, not the key
+    fill(owned, 3)
+    denied = r"session 'a' belongs to another caller: the session key does not match"
+    for stranger in (b"secret-b", b""):
+        with pytest.raises(PermissionDenied, match=denied):
+            store.prepare_step("a", position=3, new_tokens=1, now=1, key=stranger)
+        with pytest.raises(PermissionDenied, match=denied):
+            store.close("a", stranger)
+        with pytest.raises(PermissionDenied, match=denied):  # nor take it over by re-opening it
+            store.open("a", ttl_s=10, now=1, key=stranger)
+    assert store.count == 1
+    assert store.prepare_step("a", position=3, new_tokens=1, now=1, key=b"secret-a") is owned
+    assert store.close("a", b"secret-a") and store.count == 0
+
+
+def test_a_session_opened_without_a_key_takes_only_keyless_steps() -> None:
+    store = SessionCacheStore(budget_bytes=MIB, bytes_per_token=PER_TOKEN)
+    fill(store.open("old", ttl_s=10, now=0), 2)
+    with pytest.raises(PermissionDenied, match="session 'old' belongs to another caller"):
+        store.prepare_step("old", position=2, new_tokens=1, now=1, key=b"k")
+    with pytest.raises(PermissionDenied):
+        store.close("old", b"k")
+    assert store.prepare_step("old", position=2, new_tokens=1, now=1).position == 2
+    assert store.close("old") and not store.close("old")
 
 
 def test_invalid_store_arguments() -> None:
