@@ -114,6 +114,10 @@ class WorkerCore:
         span = self.stage.span
         check_plan(request, span, self.source.checksum, self.worker_id)
         Relay.check_route(request, span.end, self.source.total_layers)
+        if request.downstream:  # before any compute or connection: only routes the router chose
+            if self.relay is None:
+                raise FailedPrecondition(f"worker {self.worker_id} does not relay")
+            self.relay.authorize(request)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded(f"deadline exceeded before hop {self.worker_id} started", failed_worker_id=self.worker_id)
         inputs = decode_input(request, self.stage, self.max_tensor_bytes)
@@ -158,9 +162,7 @@ class WorkerCore:
             queue_ms=queue_ms,
             input_transport="shm" if request.input.shm_handle else "inline",
         )
-        if request.downstream:
-            if self.relay is None:
-                raise FailedPrecondition(f"worker {self.worker_id} does not relay")
+        if request.downstream and self.relay is not None:  # authorised above
             return await self.relay.forward(request, output, output_tensor, record, deadline)
         response = worker_pb2.ForwardResponse(request_id=request.request_id, output=output)
         response.hops.extend(request.upstream_hops)

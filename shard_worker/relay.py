@@ -5,29 +5,61 @@ worker->worker connections exist, which is what the Helm chart's NetworkPolicy a
 router needs no inbound port for results. If the next hop fails, this worker does not reroute by
 itself: it returns the activation it could not deliver with the failed hop named, and the router,
 which sees every replica, resumes from there.
+
+Routes are the router's word (issue 15): with a mesh key a worker relays only along a route the
+router signed (:mod:`services.security.route_mac`) and passes the rest of the signature on; without
+one it relays only to loopback peers. Either way the check runs before any compute or connection.
+The output segment is freed on every path where the next hop may not have read it (failure,
+cancellation).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
-from services.errors import DeadlineExceeded, FailedPrecondition, ShardmeshError, Unavailable, status_of
+from services.errors import DeadlineExceeded, FailedPrecondition, PermissionDenied, ShardmeshError, Unavailable, status_of
 from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
 from services.transport.pool import PeerPool
 from services.transport.stream_client import downstream_budget
 from services.wire import codec, placement
+from services.security.route_mac import downstream_mac, verify_route
 from services.wire.shm import is_colocated
+
+log = logging.getLogger(__name__)
 
 _UNDELIVERED = (Unavailable, DeadlineExceeded)
 
 
 class Relay:
-    def __init__(self, pool: PeerPool, worker_id: str, use_shm: bool = True) -> None:
+    def __init__(self, pool: PeerPool, worker_id: str, use_shm: bool = True, mesh_key: bytes | None = None) -> None:
         self._pool = pool
         self._worker_id = worker_id
         self._use_shm = use_shm
+        self._mesh_key = mesh_key
+        self._warned_unsigned = False
+
+    def authorize(self, request: worker_pb2.ForwardRequest) -> None:
+        """PERMISSION_DENIED unless this worker may relay along ``request.downstream`` (no I/O, before compute)."""
+        if not request.downstream:
+            return
+        if self._mesh_key is not None:
+            verify_route(self._mesh_key, request)
+            return
+        if not self._warned_unsigned:
+            self._warned_unsigned = True
+            log.warning(
+                "worker %s has no --mesh-key-file: relay routes are unauthenticated, so it relays only to loopback peers",
+                self._worker_id,
+            )
+        for hop in request.downstream:
+            if not is_colocated(hop.address):
+                raise PermissionDenied(
+                    f"relay to {hop.worker_id} ({hop.address}) refused: this worker has no --mesh-key-file, so it"
+                    " relays only to loopback peers; start the router and every worker with the same --mesh-key-file"
+                )
 
     @staticmethod
     def check_route(request: worker_pb2.ForwardRequest, span_end: int, total_layers: int) -> None:
@@ -78,6 +110,8 @@ class Relay:
             position=request.position,
             session_ttl_s=request.session_ttl_s,
             session_key=request.session_key,
+            route_mac=downstream_mac(request),
+            route_expires_ms=request.route_expires_ms,
         )
         down.downstream.extend(request.downstream[1:])
         down.upstream_hops.extend(request.upstream_hops)

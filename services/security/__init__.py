@@ -1,0 +1,1 @@
+"""Security: mesh key, route signatures, caller authentication (see docs/security.md)."""
