@@ -27,12 +27,15 @@ class Verdict:
         return not self.problems
 
 
-def _median(values: Sequence[float]) -> float | None:
+def median(values: Sequence[float]) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+_median = median
 
 
 def check_history(

@@ -23,6 +23,7 @@ HANDLERS: dict[str, str] = {
     "bench": "services.bench.main:run",
     "generate": "services.cli.generate_cmd:run",
     "convert": "services.models.convert:run",
+    "chaos": "services.cli.chaos_cmd:run",
 }
 
 

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-batching", action="store_true",
                    help="run each session's decode step alone (bit-exact with one process; slower with many sessions)")
     w.add_argument("--session-ttl-s", type=float, default=300.0, help="idle generation sessions expire after this")
+    w.add_argument("--fault-injection", metavar="FILE",
+                   help="chaos testing only: fail a share of calls as a JSON control FILE says (see docs/chaos.md)")
     c = w.add_argument_group("Consul registration")
     c.add_argument("--consul", metavar="HOST:PORT", help="register with this Consul agent (default: $CONSUL_HTTP_ADDR)")
     c.add_argument("--consul-service", default="shardmesh-worker", help="Consul service name")
@@ -88,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-shm", action="store_true",
                    help="never use shared memory for large activations to co-located workers (send bytes, chunked)")
     r.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, seconds to finish in-flight requests")
+    r.add_argument("--fault-injection", metavar="FILE",
+                   help="chaos testing only: fail a share of calls as a JSON control FILE says (see docs/chaos.md)")
     _add_tls(r)
     _add_common(r)
 
@@ -129,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one object at the end: text, token_ids, ttft_ms, tokens_per_s, route")
     g.add_argument("--timeout-s", type=float, default=120.0)
     g.add_argument("prompt", metavar="PROMPT")
+
+    ch = sub.add_parser("chaos", help="run chaos scenarios against a local mesh and check the recorded history")
+    ch.add_argument("scenarios", nargs="+", metavar="SCENARIO.yaml", help="scenario files (see docs/chaos/)")
+    ch.add_argument("--json", dest="json_path", metavar="FILE", help="write results and histories as JSON")
+    ch.add_argument("--plot", metavar="FILE.png", help="timeline per scenario (several scenarios: FILE-NAME.png)")
+    ch.add_argument("--markdown", metavar="FILE", help="write the report table as markdown")
+    ch.add_argument("--history-dir", metavar="DIR", help="write each scenario's history as DIR/NAME.jsonl")
+    ch.add_argument("--check-only", action="store_true", help="validate the scenario files and exit")
+    ch.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
     cv = sub.add_parser("convert", help="convert a built-in model (smollm2) to a safetensors directory")
     cv.add_argument("model", help="built-in model name, e.g. smollm2")

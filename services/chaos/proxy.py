@@ -1,0 +1,248 @@
+"""A userspace TCP fault proxy (what toxiproxy does), placed in front of one worker.
+
+The worker listens on a private port and advertises the proxy's port, so every peer that dials it (the
+router, upstream workers in relay mode, Consul's gRPC check) goes through here. Each accepted connection
+is attributed to the process that opened it (by looking up which known pid owns the peer's socket), so a
+fault can target one pair, e.g. ``[w0r0, w1r0]``, while other callers pass untouched.
+
+Faults, per rule (source ``None`` = every caller), per direction (``to`` the worker, ``from`` it):
+- ``delay`` (+ uniform jitter): every chunk is held back, pipelined and in order, as a slow link does;
+- ``bandwidth``: a token bucket per connection and direction;
+- ``blackhole``: forwarding stops and reading stops, the sockets stay open (half-open: no RST, no FIN);
+  the peer's writes fill kernel buffers and its reads get nothing. When the rule ends the held bytes flow
+  on, as TCP retransmission would deliver them after a routing blackhole heals;
+- ``partition``: blackhole in both directions; ``reset``: open connections are aborted with RST
+  (SO_LINGER 0) and new ones are reset on accept while the rule holds.
+Nothing here touches the host's network configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import struct
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+MAX_QUEUED_BYTES = 8 * 1024 * 1024  # per connection and direction, while a delay holds chunks back
+TO, FROM = "to", "from"
+
+
+@dataclass
+class Rule:
+    kind: str  # delay | bandwidth | blackhole | partition | reset
+    source: str | None = None  # None: every caller
+    direction: str = "both"  # to | from | both
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    kbps: float = 0.0
+
+    def applies(self, source: str, direction: str) -> bool:
+        return (self.source is None or self.source == source) and self.direction in ("both", direction)
+
+
+@dataclass(eq=False)
+class _Conn:
+    source: str
+    client: asyncio.StreamWriter
+    upstream: asyncio.StreamWriter | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def reset(self) -> None:
+        for w in (self.client, self.upstream):
+            if w is not None:
+                _abort_with_rst(w)
+        for t in self.tasks:
+            t.cancel()
+
+
+def _abort_with_rst(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def owner_of_port(port: int, pids: Mapping[str, int]) -> str:
+    """Name of the known process holding a local TCP socket on ``port`` ("other" if none)."""
+    import psutil
+
+    for name, pid in pids.items():
+        with contextlib.suppress(psutil.Error):
+            for c in psutil.Process(pid).net_connections(kind="tcp"):
+                if c.laddr and c.laddr.port == port:
+                    return name
+    return "other"
+
+
+class FaultProxy:
+    """Listens on ``listen_port`` (0 = any) and forwards to ``upstream``; rules change while it runs."""
+
+    def __init__(self, upstream: tuple[str, int], pids: Callable[[], Mapping[str, int]] = dict, host: str = "127.0.0.1") -> None:
+        self.upstream = upstream
+        self.host = host
+        self.port = 0
+        self._pids = pids
+        self.rules: list[Rule] = []
+        self._conns: set[_Conn] = set()
+        self._server: asyncio.Server | None = None
+        self._changed = asyncio.Event()
+        self.stats = {"connections": 0, "reset": 0, "held_chunks": 0, "delayed_chunks": 0}
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self, listen_port: int = 0) -> str:
+        self._server = await asyncio.start_server(self._accept, self.host, listen_port, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.address
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns):
+            conn.reset()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    # -- rules ----------------------------------------------------------------------------------------
+    def add(self, rule: Rule) -> Rule:
+        self.rules.append(rule)
+        if rule.kind == "reset":
+            for conn in list(self._conns):
+                if rule.source is None or conn.source == rule.source:
+                    self.stats["reset"] += 1
+                    conn.reset()
+        self._wake()
+        return rule
+
+    def remove(self, rule: Rule) -> None:
+        with contextlib.suppress(ValueError):
+            self.rules.remove(rule)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _active(self, kind: str, source: str, direction: str) -> Rule | None:
+        for rule in self.rules:
+            if rule.kind == kind and rule.applies(source, direction):
+                return rule
+        return None
+
+    def _held(self, source: str, direction: str) -> bool:
+        return bool(self._active("blackhole", source, direction) or self._active("partition", source, "both"))
+
+    # -- forwarding -----------------------------------------------------------------------------------
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        source = await asyncio.to_thread(owner_of_port, peer[1], dict(self._pids())) if peer else "other"
+        conn = _Conn(source, writer)
+        self.stats["connections"] += 1
+        if self._active("reset", source, TO):
+            self.stats["reset"] += 1
+            conn.reset()
+            return
+        self._conns.add(conn)
+        try:
+            while self._held(source, TO):  # a partitioned caller's connect "succeeds", then nothing flows
+                await self._changed.wait()
+            try:
+                up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(*self.upstream), 5)
+            except (OSError, TimeoutError):
+                conn.reset()  # the worker is down: the caller sees what it would see without the proxy
+                return
+            conn.upstream = up_writer
+            conn.tasks = [
+                asyncio.create_task(self._pipe(reader, up_writer, source, TO)),
+                asyncio.create_task(self._pipe(up_reader, writer, source, FROM)),
+            ]
+            done, _ = await asyncio.wait(conn.tasks, return_when=asyncio.FIRST_COMPLETED)
+            # One side ended: a reset there becomes a reset here, an orderly close stays orderly.
+            failed = any(t.cancelled() or t.exception() is not None for t in done)
+            if failed:
+                conn.reset()
+            else:
+                await asyncio.wait(conn.tasks, timeout=30)
+        except asyncio.CancelledError:
+            conn.reset()
+        finally:
+            for t in conn.tasks:
+                t.cancel()
+            self._conns.discard(conn)
+            for w in (writer, conn.upstream):
+                if w is not None:
+                    w.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str, direction: str) -> None:
+        """Reader and writer halves joined by a queue, so a delay pipelines chunks instead of serialising."""
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        budget = asyncio.Semaphore(max(1, MAX_QUEUED_BYTES // CHUNK))
+
+        async def read_side() -> None:
+            try:
+                await read_chunks()
+            except BaseException:
+                queue.put_nowait((-1.0, b""))  # tell the writer half: this side broke
+                raise
+
+        async def read_chunks() -> None:
+            last_release = 0.0
+            while True:
+                while self._held(source, direction):
+                    self.stats["held_chunks"] += 1
+                    await self._changed.wait()
+                data = await reader.read(CHUNK)
+                await budget.acquire()
+                if not data:
+                    await queue.put((0.0, b""))
+                    return
+                release = time.monotonic()
+                rule = self._active("delay", source, direction)
+                if rule is not None:
+                    self.stats["delayed_chunks"] += 1
+                    jitter = random.uniform(-rule.jitter_ms, rule.jitter_ms) if rule.jitter_ms else 0.0
+                    release += max(0.0, rule.delay_ms + jitter) / 1000
+                last_release = max(last_release, release)  # in order, as one link delivers
+                await queue.put((last_release, data))
+
+        async def write_side() -> None:
+            while True:
+                release, data = await queue.get()
+                budget.release()
+                if release < 0:
+                    raise ConnectionResetError(f"{source} {direction}: the other side of the proxy broke")
+                if not data:
+                    with contextlib.suppress(OSError):
+                        if writer.can_write_eof():
+                            writer.write_eof()
+                    return
+                while self._held(source, direction):
+                    await self._changed.wait()
+                wait = release - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                rule = self._active("bandwidth", source, direction)
+                if rule is not None and rule.kbps > 0:  # a chunk arrives after its transmission time on the link
+                    await asyncio.sleep(len(data) / (rule.kbps * 1000 / 8))
+                writer.write(data)
+                await writer.drain()
+
+        reading = asyncio.create_task(read_side())
+        try:
+            await write_side()
+        finally:
+            reading.cancel()
+            with contextlib.suppress(BaseException):
+                await reading
