@@ -1,7 +1,12 @@
 """The worker's presence in Consul: register once SERVING, deregister first thing on shutdown.
 
 If the agent is unreachable at start-up the worker keeps serving and retries registration in the
-background (with capped back-off): a Consul outage must not take healthy capacity away.
+background (with capped back-off): a Consul outage must not take healthy capacity away. A refused ACL
+token is a configuration error: it is logged as one, naming the variable and the missing right, and
+retried only every ``ACL_RETRY_S`` (a policy may be fixed without restarting the worker). Once
+registered, the registrar re-registers whenever the agent forgets the instance (see
+:class:`~services.discovery.registration.ConsulRegistrar`): within ``RESYNC_S`` for a gRPC check, within
+a heartbeat (TTL / 3) for a TTL check.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import contextlib
 import logging
 
 from services.config import ConsulRegistration
-from services.discovery.registration import ConsulRegistrar, worker_meta
+from services.discovery.registration import ConsulAclRefused, ConsulRegistrar, worker_meta
 from services.errors import ShardmeshError
 from services.models.base import ModelSource
 from services.layers import LayerSpan
@@ -21,6 +26,10 @@ log = logging.getLogger(__name__)
 
 RETRY_INITIAL_S = 0.5
 RETRY_MAX_S = 10.0
+ACL_RETRY_S = 30.0
+CHECK_INTERVAL_S = 1.0  # the agent's gRPC probe period
+TTL_S = 6.0  # TTL of the TTL check; heartbeats go every TTL / 3
+RESYNC_S = CHECK_INTERVAL_S  # a gRPC-checked worker asks its agent whether it still knows it this often
 
 
 class ConsulPresence:
@@ -48,13 +57,15 @@ class ConsulPresence:
             tags=("shardmesh", f"layers-{span.start}-{span.end}", *config.tags),
             meta=worker_meta(source.model_id, span, source.total_layers, source.checksum, max_inflight),
             check=config.check,  # type: ignore[arg-type]
-            interval_s=1.0,
-            ttl_s=6.0,
+            interval_s=CHECK_INTERVAL_S,
+            ttl_s=TTL_S,
+            resync_s=RESYNC_S,
             check_port=check_port,
             grpc_use_tls=tls and check_port is None,
         )
         self._task: asyncio.Task[None] | None = None
         self.registered = asyncio.Event()
+        self.registrar = self._registrar
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._register_until_done(), name="consul-register")
@@ -67,6 +78,11 @@ class ConsulPresence:
                 self.registered.set()
                 log.info("registered in Consul as %s", self._registrar.check_id.rsplit(":", 1)[0])
                 return
+            except ConsulAclRefused as exc:
+                log.error("%s. This is a configuration error: the worker serves but routers using Consul will not "
+                          "find it; retrying every %.0fs in case the token or its policy is fixed", exc, ACL_RETRY_S)
+                await asyncio.sleep(ACL_RETRY_S)
+                continue
             except ShardmeshError as exc:
                 log.warning("Consul registration failed (%s); retrying in %.1fs", exc, delay)
             await asyncio.sleep(delay)

@@ -64,6 +64,7 @@ def consul_emulator(_consul_backend: tuple[ConsulAddress, EmulatorControl | None
         pytest.skip("needs the Consul emulator's fault controls; CONSUL_HTTP_ADDR points at a real agent")
     yield control
     control.resume()
+    control.mode(blocking="streaming", strip_index=False)  # the defaults: a client agent, no proxy
 
 
 def _agent_request(address: ConsulAddress, method: str, path: str) -> object:
@@ -84,6 +85,7 @@ def consul_service_name(_consul_backend: tuple[ConsulAddress, EmulatorControl | 
     yield name
     if control is not None:
         control.resume()  # a failed test may have left it paused
+        control.mode(blocking="streaming", strip_index=False)
     services = _agent_request(consul_address, "GET", "/v1/agent/services")
     for service_id, service in dict(services or {}).items():  # type: ignore[call-overload]
         if service.get("Service") == name:

@@ -6,21 +6,35 @@ result is diffed), an index that goes backwards resets the watch to a non-blocki
 is never blocked on, and the loop is paced by a token bucket, not by sleeps, so a stale index cannot spin
 it. When the agent is unreachable the last known endpoints are kept and published as ``stale``: Consul is
 the slower, authoritative view, and the router's own RPC failure detection covers the gap.
+
+Three answers are not what they seem, and are handled as such:
+- no ``X-Consul-Index`` (a proxy in between may strip it): there is nothing to block on, so the watch
+  falls back to non-blocking reads every ``poll_interval_s`` until the header comes back;
+- ``X-Consul-Results-Filtered-By-ACLs: true``: the token may not see some or all instances, so the list
+  is not "the workers": the last known endpoints are kept, marked stale, with the reason;
+- 403 (``ACL not found``, ``Permission denied``): a configuration error, logged as such, retried with
+  back-off while the last known endpoints are served as stale.
+A client agent answers blocking health queries from its streaming backend: after a snapshot restore
+moves the index backwards, the lower index shows up only when ``wait`` runs out, so the watch recovers
+within ``wait`` x 17/16, not at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 import consul.aio
+import consul.base
 
 from services.discovery.base import DiscoverySnapshot, Endpoint, SnapshotPublisher
 from services.discovery.consul_client import DEFAULT_SERVICE_NAME, ConsulAddress, make_client
@@ -100,6 +114,44 @@ def endpoint_from_entry(entry: Mapping[str, Any]) -> Endpoint | None:
     return Endpoint(address=f"{host}:{port}", service_id=str(service.get("ID") or ""), meta=MappingProxyType(meta))
 
 
+class ConsulAclError(Exception):
+    """Consul answered 403: the token is unknown (``ACL not found``) or lacks a permission."""
+
+
+class ConsulHttpError(Exception):
+    """Consul answered with an error status other than 403."""
+
+
+@dataclass(frozen=True)
+class HealthAnswer:
+    """One ``/v1/health/service`` answer with the headers that decide what it means."""
+
+    entries: list[Mapping[str, Any]]
+    index: int | None  # None: no (usable) X-Consul-Index header
+    filtered_by_acls: bool = False
+    default_acl_policy: str = ""
+
+
+def health_answer(response: consul.base.Response) -> HealthAnswer:
+    """py-consul callback for the health query that keeps the headers its own callbacks drop."""
+    if response.code == 403:
+        raise ConsulAclError(str(response.body).strip() or "403 Forbidden")
+    if response.code >= 400:
+        raise ConsulHttpError(f"{response.code} {str(response.body).strip()[:200]}")
+    headers = response.headers
+    raw_index = headers.get("X-Consul-Index", "")
+    index = int(raw_index) if raw_index.isdigit() else None
+    try:
+        entries = json.loads(response.body)
+    except ValueError:
+        raise ConsulHttpError(f"unparsable answer from Consul: {str(response.body)[:200]!r}") from None
+    if not isinstance(entries, list):
+        raise ConsulHttpError(f"unexpected answer from Consul: {str(response.body)[:200]!r}")
+    return HealthAnswer(entries=entries, index=index,
+                        filtered_by_acls=headers.get("X-Consul-Results-Filtered-By-ACLs", "").lower() == "true",
+                        default_acl_policy=headers.get("X-Consul-Default-ACL-Policy", ""))
+
+
 def endpoints_from_health(entries: Iterable[Mapping[str, Any]] | None) -> tuple[Endpoint, ...]:
     """Passing entries as endpoints; re-checks ``passing`` client-side in case a proxy dropped the filter."""
     endpoints = []
@@ -136,12 +188,16 @@ class ConsulDiscovery:
         backoff_max_s: float = 10.0,
         start_timeout_s: float = 3.0,
         http_timeout_margin_s: float = 5.0,
+        poll_interval_s: float = 2.0,
     ) -> None:
         wait_s = parse_duration(wait)
         if not 0 < wait_s <= MAX_WAIT_S:
             raise ConfigError(f"invalid Consul wait {wait!r}: must be above 0 and at most 10m")
         if backoff_initial_s <= 0 or backoff_max_s < backoff_initial_s:
             raise ConfigError("Consul retry back-off must satisfy 0 < initial <= max")
+        if poll_interval_s <= 0:
+            raise ConfigError("the Consul poll interval (used without X-Consul-Index) must be positive")
+        self._poll_interval_s = poll_interval_s
         self._address = address
         self._service = service
         self._wait = format_duration(wait_s)
@@ -162,10 +218,20 @@ class ConsulDiscovery:
         self.index_resets = 0
         self.last_success_monotonic: float | None = None
         self.last_index = 0
+        self.unindexed_answers = 0  # answers without X-Consul-Index (polled instead of blocking)
+        self.filtered_answers = 0  # answers filtered by ACLs (kept the last endpoints)
+        self._polling = False  # no X-Consul-Index: non-blocking reads every poll_interval_s
+        self._filtered_since: float | None = None
+        self._warned_anonymous = False
 
     @property
     def service(self) -> str:
         return self._service
+
+    @property
+    def polling(self) -> bool:
+        """True while Consul's answers lack X-Consul-Index and the watch polls instead of blocking."""
+        return self._polling
 
     async def start(self) -> None:
         """Starts watching; returns after the first answer or ``start_timeout_s``, whichever is first."""
@@ -204,6 +270,19 @@ class ConsulDiscovery:
         if client is not None:
             await client.close()
 
+    async def _health(self, index: int) -> HealthAnswer:
+        """``GET /v1/health/service/NAME?passing`` (blocking when ``index`` > 0) through py-consul's HTTP
+        client, with a callback that keeps the headers (its ``health.service`` drops them, and fails
+        outright without X-Consul-Index)."""
+        assert self._client is not None
+        params: list[tuple[str, str]] = [("passing", "1")]
+        if index > 0:
+            params += [("index", str(index)), ("wait", self._wait)]
+        path = f"/v1/health/service/{self._service}"  # py-consul quotes the path
+        answer: HealthAnswer = await self._client.http.get(health_answer, path, params=params,
+                                                           headers=self._client.prepare_headers())
+        return answer
+
     async def _watch(self) -> None:
         assert self._client is not None  # set by start() before the task exists
         index = 0
@@ -211,15 +290,8 @@ class ConsulDiscovery:
         while True:
             await self._bucket.take()
             try:
-                blocking = index > 0
                 self.queries += 1
-                raw_index, entries = await self._client.health.service(
-                    self._service,
-                    index=str(index) if blocking else None,  # py-consul drops a falsy index: non-blocking
-                    wait=self._wait if blocking else None,
-                    passing=True,
-                )
-                new_index = int(raw_index)
+                answer = await self._health(index)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure means "Consul unavailable", never a dead watcher
@@ -230,6 +302,16 @@ class ConsulDiscovery:
                 backoff = min(backoff * 2, self._backoff_max_s)
                 continue
             backoff = self._backoff_initial_s
+            self._check_anonymous(answer)
+            if answer.index is None:
+                await self._on_unindexed(answer)
+                index = 0
+                await asyncio.sleep(self._poll_interval_s)  # nothing to block on: poll, at a bounded rate
+                continue
+            if self._polling:
+                self._polling = False
+                log.info("Consul answers carry X-Consul-Index again; back to blocking queries for %s", self._service)
+            new_index = answer.index
             if new_index < index:
                 self.index_resets += 1
                 log.info("Consul index went backwards (%d -> %d) for %s; restarting the watch", index, new_index,
@@ -238,10 +320,54 @@ class ConsulDiscovery:
             else:
                 index = max(new_index, 1)  # never block on index 0: it would return at once, forever
             self.last_index = new_index
-            await self._on_success(endpoints_from_health(entries))
+            if answer.filtered_by_acls:
+                await self._on_filtered()
+                continue
+            await self._on_success(endpoints_from_health(answer.entries))
+
+    async def _on_unindexed(self, answer: HealthAnswer) -> None:
+        self.unindexed_answers += 1
+        if not self._polling:
+            self._polling = True
+            log.warning("Consul answered without X-Consul-Index (a proxy between here and the agent may strip it): "
+                        "cannot block, polling %s every %.1fs instead", self._service, self._poll_interval_s)
+        if answer.filtered_by_acls:
+            await self._on_filtered()
+        else:
+            await self._on_success(endpoints_from_health(answer.entries))
+
+    def _check_anonymous(self, answer: HealthAnswer) -> None:
+        if answer.default_acl_policy == "deny" and not self._address.token and not self._warned_anonymous:
+            self._warned_anonymous = True
+            log.warning("Consul's default ACL policy is deny and no token is set: Consul hides what the anonymous "
+                        "token may not read without saying so, so an empty list may mean 'not allowed'; set "
+                        "CONSUL_HTTP_TOKEN (or CONSUL_HTTP_TOKEN_FILE) to a token with service:read on %s and "
+                        "node:read", self._service)
+
+    async def _on_filtered(self) -> None:
+        """Some instances were hidden by ACLs: the list is not the set of workers; keep the last one, stale."""
+        self.filtered_answers += 1
+        self._first_success.set()
+        self.last_success_monotonic = time.monotonic()
+        if self._outage_since is not None:
+            log.info("Consul at %s answers again after %.1fs", self._address.hostport, time.monotonic() - self._outage_since)
+            self._outage_since = None
+        if self._filtered_since is not None:
+            return
+        self._filtered_since = time.monotonic()
+        kept = len(self._publisher.current().endpoints)
+        detail = (f"consul filtered the {self._service} health results by ACLs since {time.strftime('%H:%M:%S')}: "
+                  f"the token lacks service:read on {self._service} or node:read on some nodes; keeping {kept} last "
+                  f"known endpoint(s); set CONSUL_HTTP_TOKEN to a token with those rights")
+        log.error("%s", detail)
+        await self._publisher.publish(stale=True, detail=detail)
 
     async def _on_success(self, endpoints: tuple[Endpoint, ...]) -> None:
         self.last_success_monotonic = time.monotonic()
+        if self._filtered_since is not None:
+            log.info("Consul no longer filters the %s health results by ACLs; %d passing instance(s)", self._service,
+                     len(endpoints))
+            self._filtered_since = None
         if self._outage_since is not None:
             log.info("Consul at %s reachable again after %.1fs; %d passing %s instance(s)", self._address.hostport,
                      time.monotonic() - self._outage_since, len(endpoints), self._service)
@@ -256,9 +382,14 @@ class ConsulDiscovery:
             return
         self._outage_since = time.monotonic()
         since = time.strftime("%H:%M:%S")
-        detail = f"consul unreachable since {since}: {_describe(exc)}"
         kept = len(self._publisher.current().endpoints)
-        log.warning("%s; serving %d last known endpoint(s) as stale and retrying", detail, kept)
+        if isinstance(exc, ConsulAclError):
+            detail = (f"consul refused the ACL token since {since}: {exc}; set CONSUL_HTTP_TOKEN (or "
+                      f"CONSUL_HTTP_TOKEN_FILE) to a token with service:read on {self._service} and node:read")
+            log.error("%s; serving %d last known endpoint(s) as stale and retrying", detail, kept)
+        else:
+            detail = f"consul unreachable since {since}: {_describe(exc)}"
+            log.warning("%s; serving %d last known endpoint(s) as stale and retrying", detail, kept)
         await self._publisher.publish(stale=True, detail=detail)
 
 

@@ -1,7 +1,8 @@
 """Where the Consul agent is, and one way to build a ``consul.aio.Consul`` client for it.
 
 The worker (``--consul HOST:PORT``) and the router (``--discovery consul://...``) both resolve the agent
-address here, so the standard variables ``CONSUL_HTTP_ADDR``, ``CONSUL_HTTP_TOKEN``, ``CONSUL_HTTP_SSL``
+address here, so the standard variables ``CONSUL_HTTP_ADDR``, ``CONSUL_HTTP_TOKEN`` (or
+``CONSUL_HTTP_TOKEN_FILE``, read when no token is given, as Consul's Go client does), ``CONSUL_HTTP_SSL``
 and ``CONSUL_HTTP_SSL_VERIFY`` mean the same thing to both. The environment is passed in as a mapping
 (never read at import time), and the client is built with everything explicit because py-consul would
 otherwise read the process environment itself (and lets ``CONSUL_HTTP_TOKEN`` override an explicit token).
@@ -78,6 +79,20 @@ def split_hostport(text: str, *, what: str, example: str, default_port: int | No
     return host, int(port_text)
 
 
+def _token_from_file(path: str) -> str | None:
+    """The ACL token in ``CONSUL_HTTP_TOKEN_FILE`` (e.g. a mounted Kubernetes Secret), whitespace trimmed."""
+    if not path.strip():
+        return None
+    try:
+        with open(path.strip(), encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"CONSUL_HTTP_TOKEN_FILE={path!r} cannot be read: {exc.strerror or exc}") from None
+    if not token:
+        raise ConfigError(f"CONSUL_HTTP_TOKEN_FILE={path!r} is empty: it must hold the ACL token")
+    return token
+
+
 def parse_consul_address(text: str | None, env: Mapping[str, str]) -> ConsulAddress:
     """Resolves the agent address from ``text`` (``HOST:PORT`` or ``http(s)://HOST:PORT``), else from
     ``CONSUL_HTTP_ADDR``, else ``127.0.0.1:8500`` — the same fallbacks Consul's own clients use."""
@@ -98,7 +113,7 @@ def parse_consul_address(text: str | None, env: Mapping[str, str]) -> ConsulAddr
     if _env_bool(env, "CONSUL_HTTP_SSL"):  # like Consul's Go client: true forces https, false changes nothing
         scheme = "https"
     verify = _env_bool(env, "CONSUL_HTTP_SSL_VERIFY")
-    token = env.get("CONSUL_HTTP_TOKEN") or None
+    token = env.get("CONSUL_HTTP_TOKEN") or _token_from_file(env.get("CONSUL_HTTP_TOKEN_FILE", ""))
     return ConsulAddress(host=host, port=port, scheme=scheme, token=token, verify=True if verify is None else verify)
 
 

@@ -28,6 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="floor for DeregisterCriticalServiceAfter, seconds (real Consul: 60)")
     p.add_argument("--min-check-interval", type=float, default=1.0,
                    help="floor for active check intervals, seconds (real Consul: 1)")
+    p.add_argument("--blocking-backend", choices=["streaming", "rpc"], default="streaming",
+                   help="streaming: a client agent (Consul >= 1.10 default); rpc: a server agent or streaming off")
+    p.add_argument("--strip-index", action="store_true", help="drop X-Consul-Index from answers, as some proxies do")
+    p.add_argument("--acl-default-policy", choices=["allow", "deny"],
+                   help="enable ACLs with this default policy (off when not given: tokens are ignored)")
+    p.add_argument("--acl-initial-management", metavar="TOKEN",
+                   help="secret of the initial management token (acl.tokens.initial_management)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -40,6 +47,8 @@ async def _main(args: argparse.Namespace) -> None:
     emulator = ConsulEmulator(
         args.host, args.port, args.control_port, node_name=args.node_name, reap_interval_s=args.reap_interval,
         min_deregister_after_s=args.min_deregister_after, min_check_interval_s=args.min_check_interval,
+        blocking_backend=args.blocking_backend, strip_index=args.strip_index,
+        acl_default_policy=args.acl_default_policy, acl_management_token=args.acl_initial_management,
     )
     await emulator.start()
     try:

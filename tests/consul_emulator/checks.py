@@ -59,6 +59,12 @@ class StatusHandler:
             self._state.update_check(self._check_id, WARNING, output)
 
 
+def go_code_name(code: grpc.StatusCode) -> str:
+    """grpc-go's ``codes.Code.String()``, which Consul's check output carries: ``Unavailable``,
+    ``DeadlineExceeded``, ``OK`` (Python's enum names are ``UNAVAILABLE``, ``DEADLINE_EXCEEDED``)."""
+    return "OK" if code == grpc.StatusCode.OK else "".join(part.capitalize() for part in code.name.split("_"))
+
+
 async def probe_grpc(target: str, timeout_s: float, use_tls: bool) -> tuple[str, str]:
     match = _GRPC_TARGET_RE.match(target)
     server, service = (match.group(1) + match.group(2), match.group(3).lstrip("/")) if match else (target, "")
@@ -69,7 +75,7 @@ async def probe_grpc(target: str, timeout_s: float, use_tls: bool) -> tuple[str,
         try:
             response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
-            return CRITICAL, f"rpc error: code = {exc.code().name} desc = {exc.details()}"
+            return CRITICAL, f"rpc error: code = {go_code_name(exc.code())} desc = {exc.details()}"
         if response.status != health_pb2.HealthCheckResponse.SERVING:
             name = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
             return CRITICAL, f"gRPC {target} serving status: {name}"

@@ -62,6 +62,15 @@ class EmulatorControl:
         """Takes a new index for ``service`` without changing it; returns that index."""
         return int(self._call("POST", "touch", service=service)["index"])
 
+    def forget(self) -> list[str]:
+        """The agent restarts without its data: every service and check is gone; returns the service IDs."""
+        return list(self._call("POST", "forget")["forgotten"])
+
+    def mode(self, *, blocking: str | None = None, strip_index: bool | None = None) -> dict[str, Any]:
+        """Sets the blocking backend (``streaming``/``rpc``) and whether X-Consul-Index is stripped."""
+        return dict(self._call("POST", "mode", blocking=blocking,
+                               strip_index=None if strip_index is None else str(strip_index).lower()))
+
     def state(self) -> dict[str, Any]:
         return dict(self._call("GET", "state"))
 

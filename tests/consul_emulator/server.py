@@ -6,10 +6,19 @@ Consul endpoints (https://developer.hashicorp.com/consul/api-docs):
   GET /v1/agent/services  GET /v1/agent/service/:id  GET /v1/agent/checks  GET /v1/agent/self
   GET /v1/health/service/:name[?passing&tag=]  GET /v1/catalog/service/:name  GET /v1/catalog/services
   GET /v1/status/leader  GET /v1/status/peers
+  PUT /v1/acl/policy  PUT /v1/acl/token  GET /v1/acl/token/self  DELETE /v1/acl/token/:id  DELETE /v1/acl/policy/:id
 Read endpoints support blocking queries (``index``, ``wait``: default 5m, max 10m, plus up to wait/16
 of jitter) and answer ``X-Consul-Index``. Request keys are matched case-insensitively and with
 snake_case aliases, as Consul's decoder does. Not emulated: ``filter`` (ignored), ``near``, ``dc``,
-``node-meta``, ACLs (tokens are accepted and ignored), consistency modes, script/alias/docker checks.
+``node-meta``, consistency modes, script/alias/docker checks.
+
+Blocking backends (``blocking_backend``): ``streaming`` is what a client agent does for
+``/v1/health/service`` (``use_streaming_backend``, on by default since Consul 1.10): the agent's
+materialized view answers only once its index exceeds ``index``, so after a snapshot restore moved the
+index backwards nothing wakes a watcher and the lower index shows up only when ``wait`` runs out, and a
+leader loss shows up then too. ``rpc`` is a server agent (or streaming off): the state store's abandon
+channel wakes every watcher at once on a restore. ACLs (``acl_default_policy``) follow ``acl.py``; off
+by default, when every token is accepted and ignored.
 
 Controls (on the main port and on the separate control port, which keeps listening while paused):
   POST /_emulator/pause?mode=error|refuse|hang  -- error: every /v1 call answers 500 "No cluster leader";
@@ -17,6 +26,9 @@ Controls (on the main port and on the separate control port, which keeps listeni
   POST /_emulator/resume
   POST /_emulator/restore?index=N  -- move the index back to N (a snapshot restore) and wake all watchers
   POST /_emulator/touch?service=NAME -- take a new index for NAME without changing anything
+  POST /_emulator/forget  -- the agent restarted without its data dir: every service and check is gone
+  POST /_emulator/mode?blocking=streaming|rpc&strip_index=true|false  -- strip_index: drop X-Consul-Index
+       from every answer, as a proxy in front of the agent may
   GET  /_emulator/state
 """
 
@@ -32,6 +44,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.consul_emulator.acl import AclNotFound, AclStore, Authorizer, InvalidPolicy, PermissionDenied
 from tests.consul_emulator.checks import CheckRunners
 from tests.consul_emulator.state import (
     CRITICAL,
@@ -51,6 +64,8 @@ READY_PREFIX = "consul-emulator-ready"  # the one stdout line of ``python -m tes
 DEFAULT_WAIT_S = 300.0
 MAX_WAIT_S = 600.0
 PAUSE_MODES = ("error", "refuse", "hang")
+BLOCKING_BACKENDS = ("streaming", "rpc")
+META_VALUE_MAX_BYTES = 512  # Go's len(): bytes of the UTF-8 encoding, although the message says characters
 _GO_TRUE = {"", "1", "t", "T", "true", "TRUE", "True"}
 _GO_FALSE = {"0", "f", "F", "false", "FALSE", "False"}
 _META_KEY_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
@@ -104,7 +119,7 @@ def _validate_meta(meta: Any) -> dict[str, str]:
             raise BadRequest(f"Invalid Service Meta: Couldn't load metadata pair ('{key}', '{value}'): Key contains invalid characters")
         if key.startswith("consul-"):
             raise BadRequest(f"Invalid Service Meta: Couldn't load metadata pair ('{key}', '{value}'): Key prefix 'consul-' is reserved for internal use")
-        if len(value) > 512:
+        if len(value.encode("utf-8")) > META_VALUE_MAX_BYTES:
             raise BadRequest(f"Invalid Service Meta: Couldn't load metadata pair ('{key}', '{value}'): Value is too long (limit: 512 characters)")
     return dict(meta)
 
@@ -198,7 +213,16 @@ class ConsulEmulator:
         reap_interval_s: float = 30.0,
         min_deregister_after_s: float = 60.0,
         min_check_interval_s: float = 1.0,
+        blocking_backend: str = "streaming",
+        strip_index: bool = False,
+        acl_default_policy: str | None = None,
+        acl_management_token: str | None = None,
     ) -> None:
+        if blocking_backend not in BLOCKING_BACKENDS:
+            raise ValueError(f"blocking_backend must be one of {', '.join(BLOCKING_BACKENDS)}")
+        self.blocking_backend = blocking_backend
+        self.strip_index = strip_index
+        self.acl = AclStore(acl_default_policy, acl_management_token)
         self.host = host
         self.port = port
         self.control_port = control_port
@@ -290,8 +314,27 @@ class ConsulEmulator:
     async def _errors(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         try:
             return await handler(request)
-        except BadRequest as exc:
+        except (BadRequest, InvalidPolicy) as exc:
             return web.Response(status=400, text=str(exc))
+        except (AclNotFound, PermissionDenied) as exc:
+            return web.Response(status=403, text=str(exc))
+
+    # -- ACLs --------------------------------------------------------------------------------------
+    @staticmethod
+    def _token(request: web.Request) -> str:
+        """Consul's order: ``?token=``, then ``X-Consul-Token``, then ``Authorization: Bearer``."""
+        if request.query.get("token"):
+            return request.query["token"]
+        if request.headers.get("X-Consul-Token"):
+            return request.headers["X-Consul-Token"]
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        return value.strip().split(" ")[0] if scheme.lower() == "bearer" and value.strip() else ""
+
+    def _authz(self, request: web.Request) -> Authorizer:
+        return self.acl.resolve(self._token(request))
+
+    def _service_visible(self, authz: Authorizer, service_name: str) -> bool:
+        return authz.allowed("service", service_name, "read") and authz.allowed("node", self.state.node_name, "read")
 
     # -- helpers -----------------------------------------------------------------------------------
     @staticmethod
@@ -304,9 +347,12 @@ class ConsulEmulator:
         except ValueError as exc:
             raise BadRequest(f"Request decode failed: {exc}") from None
 
-    async def _blocking(self, request: web.Request, compute: Callable[[], tuple[int, Any]]) -> web.Response:
+    async def _blocking(self, request: web.Request, compute: Callable[[], tuple[int, Any, bool]],
+                        streams: bool = False) -> web.Response:
         """Consul's blockingQuery: return at once without ``index``; else when the result's index
-        exceeds it, a restore happens, or ``wait`` (+ jitter) passes."""
+        exceeds it, a restore happens, or ``wait`` (+ jitter) passes. ``compute`` returns (index, body,
+        filtered by ACLs). With the streaming backend (``streams`` endpoints only) neither a restore nor a
+        leader loss wakes the query: only an index above ``index`` or the end of ``wait`` does."""
         query = request.query
         try:
             min_index = int(query.get("index", "0"))
@@ -321,12 +367,13 @@ class ConsulEmulator:
             except BadRequest:
                 raise BadRequest("Invalid wait time") from None
         wait_s = DEFAULT_WAIT_S if wait_s <= 0 else min(wait_s, MAX_WAIT_S)
+        streaming = streams and self.blocking_backend == "streaming" and min_index > 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s + random.uniform(0, wait_s / 16)
         while True:
             changed, abandoned = self.state.watch()
             pause_event = self._pause_event
-            index, body = compute()
+            index, body, filtered = compute()
             index = max(index, 1)  # Consul never answers 0, or clients would spin
             remaining = deadline - loop.time()
             if min_index == 0 or index > min_index or remaining <= 0 or self._closing:
@@ -337,18 +384,23 @@ class ConsulEmulator:
             finally:
                 for w in waiters:
                     w.cancel()
-            if abandoned.is_set() or pause_event.is_set():
-                index, body = compute()
+            if (abandoned.is_set() or pause_event.is_set()) and not streaming:
+                index, body, filtered = compute()
                 index = max(index, 1)
                 break
-        return self._json(body, index)
+        return self._json(body, index, filtered=filtered, backend="streaming" if streaming else "blocking-query")
 
-    @staticmethod
-    def _json(body: Any, index: int | None = None) -> web.Response:
+    def _json(self, body: Any, index: int | None = None, *, filtered: bool = False, backend: str = "") -> web.Response:
         headers = {"X-Consul-KnownLeader": "true", "X-Consul-LastContact": "0"}
-        if index is not None:
+        if index is not None and not self.strip_index:
             headers["X-Consul-Index"] = str(index)
             headers["X-Consul-Effective-Consistency"] = "leader"
+        if backend:
+            headers["X-Consul-Query-Backend"] = backend
+        if filtered:
+            headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
+        if self.acl.enabled:
+            headers["X-Consul-Default-ACL-Policy"] = self.acl.default_policy
         return web.json_response(body, headers=headers)
 
     def _reap(self, service_id: str) -> None:
@@ -375,12 +427,22 @@ class ConsulEmulator:
             web.get("/v1/catalog/services", self.catalog_services),
             web.get("/v1/status/leader", self.status_leader),
             web.get("/v1/status/peers", self.status_peers),
+            web.put("/v1/acl/policy", self.acl_policy_create),
+            web.delete("/v1/acl/policy/{policy_id}", self.acl_policy_delete),
+            web.put("/v1/acl/token", self.acl_token_create),
+            web.get("/v1/acl/token/self", self.acl_token_self),
+            web.delete("/v1/acl/token/{accessor_id}", self.acl_token_delete),
         ]
 
     async def register(self, request: web.Request) -> web.Response:
         replace = _go_bool(request.query["replace-existing-checks"], "replace-existing-checks") \
             if "replace-existing-checks" in request.query else False
+        authz = self._authz(request)
         service, defs = parse_registration(await self._json_body(request))
+        authz.require("service", service.name, "write")
+        old = self.state.services.get(service.service_id)
+        if old is not None and old.name != service.name:
+            authz.require("service", old.name, "write")
         started, removed = self.state.register(service, defs, replace)
         for check_id in removed:
             self.runners.stop_check(check_id)
@@ -389,37 +451,59 @@ class ConsulEmulator:
         return web.Response(status=200)
 
     async def deregister(self, request: web.Request) -> web.Response:
+        authz = self._authz(request)
         service_id = request.match_info["service_id"]
         if service_id not in self.state.services:
             return web.Response(status=404, text=f'Unknown service ID "{service_id}"')
+        authz.require("service", self.state.services[service_id].name, "write")
         self._reap(service_id)
         return web.Response(status=200)
 
     async def agent_services(self, request: web.Request) -> web.Response:
-        return self._json({sid: self.state.agent_service_json(s) for sid, s in sorted(self.state.services.items())})
+        authz = self._authz(request)
+        everything = sorted(self.state.services.items())
+        visible = {sid: self.state.agent_service_json(s) for sid, s in everything
+                   if authz.allowed("service", s.name, "read")}
+        return self._json(visible, filtered=len(visible) < len(everything) and not authz.anonymous)
 
     async def agent_service(self, request: web.Request) -> web.Response:
+        authz = self._authz(request)
         svc = self.state.services.get(request.match_info["service_id"])
         if svc is None:
             return web.Response(status=404, text=f'unknown service ID: {request.match_info["service_id"]}')
+        authz.require("service", svc.name, "read")
         body = self.state.agent_service_json(svc)
         body["ContentHash"] = f"{hash(json.dumps(body, sort_keys=True)) & 0xFFFFFFFFFFFFFFFF:016x}"
         return self._json(body)
 
     async def agent_checks(self, request: web.Request) -> web.Response:
-        return self._json({cid: self.state.check_json(c) for cid, c in sorted(self.state.checks.items())})
+        authz = self._authz(request)
+        everything = sorted(self.state.checks.items())
+        visible = {cid: self.state.check_json(c) for cid, c in everything
+                   if (authz.allowed("service", c.service_name, "read") if c.service_id
+                       else authz.allowed("node", self.state.node_name, "read"))}
+        return self._json(visible, filtered=len(visible) < len(everything) and not authz.anonymous)
 
     async def agent_self(self, request: web.Request) -> web.Response:
+        self._authz(request).require("agent", self.state.node_name, "read")
         return self._json({
             "Config": {"Datacenter": "dc1", "NodeName": self.state.node_name, "NodeID": self.state.node_id,
                        "Server": True, "Version": "emulator"},
             "Member": {"Name": self.state.node_name, "Addr": self.state.node_address, "Status": 1},
         })
 
+    def _require_check_write(self, authz: Authorizer, service_name: str) -> None:
+        if service_name:
+            authz.require("service", service_name, "write")
+        else:
+            authz.require("node", self.state.node_name, "write")
+
     async def _ttl_update(self, request: web.Request, check_id: str, status: str, output: str) -> web.Response:
+        authz = self._authz(request)
         check = self.state.checks.get(check_id)
         if check is None:
             return web.Response(status=404, text=f'Unknown check ID "{check_id}"')
+        self._require_check_write(authz, check.service_name)
         if check.definition.kind != "ttl":
             return web.Response(status=500, text=f'CheckID "{check_id}" does not have associated TTL')
         check.ttl_deadline = time.monotonic() + check.definition.ttl_s
@@ -444,10 +528,13 @@ class ConsulEmulator:
         return await self._ttl_update(request, request.match_info["check_id"], status, str(body.get("output") or ""))
 
     async def check_deregister(self, request: web.Request) -> web.Response:
+        authz = self._authz(request)
         check_id = request.match_info["check_id"]
-        check = self.state.checks.pop(check_id, None)
-        if check is None:
+        existing = self.state.checks.get(check_id)
+        if existing is None:
             return web.Response(status=404, text=f'Unknown check ID "{check_id}"')
+        self._require_check_write(authz, existing.service_name)
+        check = self.state.checks.pop(check_id)
         self.runners.stop_check(check_id)
         self.state.touch(check.service_name)
         return web.Response(status=200)
@@ -456,21 +543,37 @@ class ConsulEmulator:
         name = request.match_info["name"]
         passing = _go_bool(request.query["passing"], "passing") if "passing" in request.query else False
         tags = request.query.getall("tag", [])
-        return await self._blocking(request, lambda: (
-            self.state.index_for_service(name), self.state.health_entries(name, tags, passing)))
+        authz = self._authz(request)
+        visible = self._service_visible(authz, name)
+
+        def compute() -> tuple[int, Any, bool]:
+            entries = self.state.health_entries(name, tags, passing)
+            return self.state.index_for_service(name), entries if visible else [], bool(entries) and not visible \
+                and not authz.anonymous
+        return await self._blocking(request, compute, streams=True)
 
     async def catalog_service(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         tags = request.query.getall("tag", [])
-        return await self._blocking(request, lambda: (
-            self.state.index_for_service(name), self.state.catalog_entries(name, tags)))
+        authz = self._authz(request)
+        visible = self._service_visible(authz, name)
+
+        def compute() -> tuple[int, Any, bool]:
+            entries = self.state.catalog_entries(name, tags)
+            return self.state.index_for_service(name), entries if visible else [], bool(entries) and not visible \
+                and not authz.anonymous
+        return await self._blocking(request, compute)
 
     async def catalog_services(self, request: web.Request) -> web.Response:
-        def compute() -> tuple[int, Any]:
+        authz = self._authz(request)
+
+        def compute() -> tuple[int, Any, bool]:
             names: dict[str, list[str]] = {"consul": []}
             for svc in self.state.services.values():
                 names[svc.name] = sorted(set(names.get(svc.name, [])) | set(svc.tags))
-            return max([*self.state.service_index.values(), self.state.extinction_index, self.state.node_index]), names
+            visible = {n: t for n, t in names.items() if self._service_visible(authz, n)}
+            index = max([*self.state.service_index.values(), self.state.extinction_index, self.state.node_index])
+            return index, visible, len(visible) < len(names) and not authz.anonymous
         return await self._blocking(request, compute)
 
     async def status_leader(self, request: web.Request) -> web.Response:
@@ -479,9 +582,49 @@ class ConsulEmulator:
     async def status_peers(self, request: web.Request) -> web.Response:
         return self._json([f"{self.state.node_address}:8300"])
 
+    # -- ACL API (subset) ----------------------------------------------------------------------------
+    def _acl_write(self, request: web.Request) -> None:
+        if not self.acl.enabled:
+            raise web.HTTPUnauthorized(text="ACL support disabled")
+        self._authz(request).require("acl", None, "write")
+
+    async def acl_policy_create(self, request: web.Request) -> web.Response:
+        self._acl_write(request)
+        body = _keys(await self._json_body(request), "policy")
+        policy = self.acl.add_policy(str(body.get("name") or ""), str(body.get("rules") or ""),
+                                     str(body.get("description") or ""))
+        return self._json(policy.json())
+
+    async def acl_policy_delete(self, request: web.Request) -> web.Response:
+        self._acl_write(request)
+        return self._json(self.acl.delete_policy(request.match_info["policy_id"]))
+
+    async def acl_token_create(self, request: web.Request) -> web.Response:
+        self._acl_write(request)
+        body = _keys(await self._json_body(request), "token")
+        refs = [{str(k): str(v) for k, v in (ref or {}).items()} for ref in body.get("policies") or []]
+        token = self.acl.add_token(refs, secret=body.get("secretid") or None, description=str(body.get("description") or ""))
+        return self._json(token.json(self.acl.policies))
+
+    async def acl_token_delete(self, request: web.Request) -> web.Response:
+        self._acl_write(request)
+        return self._json(self.acl.delete_token(request.match_info["accessor_id"]))
+
+    async def acl_token_self(self, request: web.Request) -> web.Response:
+        if not self.acl.enabled:
+            raise web.HTTPUnauthorized(text="ACL support disabled")
+        secret = self._token(request)
+        self.acl.resolve(secret)  # 403 ACL not found for an unknown one
+        token = self.acl.tokens.get(secret)
+        if token is None:
+            raise AclNotFound()
+        return self._json(token.json(self.acl.policies))
+
     # -- controls ------------------------------------------------------------------------------------
     def _control_routes(self) -> list[web.RouteDef]:
         return [
+            web.post("/_emulator/forget", self.ctl_forget),
+            web.post("/_emulator/mode", self.ctl_mode),
             web.post("/_emulator/pause", self.ctl_pause),
             web.post("/_emulator/resume", self.ctl_resume),
             web.post("/_emulator/restore", self.ctl_restore),
@@ -524,8 +667,26 @@ class ConsulEmulator:
             raise BadRequest("service is required")
         return self._json({"index": self.state.touch(name)})
 
+    async def ctl_forget(self, request: web.Request) -> web.Response:
+        """The agent restarted without its data: its services and checks are gone from it and the catalog."""
+        forgotten = sorted(self.state.services)
+        for service_id in forgotten:
+            self._reap(service_id)
+        return self._json({"forgotten": forgotten, "index": self.state.index})
+
+    async def ctl_mode(self, request: web.Request) -> web.Response:
+        blocking = request.query.get("blocking")
+        if blocking is not None:
+            if blocking not in BLOCKING_BACKENDS:
+                raise BadRequest(f"blocking must be one of {', '.join(BLOCKING_BACKENDS)}")
+            self.blocking_backend = blocking
+        if "strip_index" in request.query:
+            self.strip_index = _go_bool(request.query["strip_index"], "strip_index")
+        return self._json({"blocking": self.blocking_backend, "strip_index": self.strip_index})
+
     async def ctl_state(self, request: web.Request) -> web.Response:
         return self._json({
+            "blocking": self.blocking_backend, "strip_index": self.strip_index, "acl": self.acl.enabled,
             "index": self.state.index, "paused": self.pause_mode,
             "services": sorted(self.state.services), "checks": {c: k.status for c, k in self.state.checks.items()},
             "service_index": self.state.service_index,

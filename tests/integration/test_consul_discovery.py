@@ -163,18 +163,86 @@ async def test_outage_keeps_last_endpoints_as_stale_then_catches_up(
     assert len(warnings) == 1 and len(recoveries) == 1  # once per outage, however many retries
 
 
-async def test_index_going_backwards_resets_the_watch(consul_emulator: EmulatorControl, consul_address: ConsulAddress,
-                                                      consul_client: consul.aio.Consul, consul_service_name: str) -> None:
+@pytest.mark.parametrize("backend", ["rpc", "streaming"])
+async def test_index_going_backwards_resets_the_watch(backend: str, consul_emulator: EmulatorControl,
+                                                      consul_address: ConsulAddress, consul_client: consul.aio.Consul,
+                                                      consul_service_name: str) -> None:
+    """A server agent wakes watchers at once on a restore; a client agent's streaming backend shows the
+    lower index only when ``wait`` runs out, so recovery is bounded by wait x 17/16 there."""
+    consul_emulator.mode(blocking=backend)
+    wait_s = 2.0
     await register_ttl(consul_client, consul_service_name, "before", 7105)
-    async with watching(consul_address, consul_service_name, wait="5s") as discovery:
+    async with watching(consul_address, consul_service_name, wait=f"{wait_s:g}s") as discovery:
         await until(discovery, lambda s: ids(s) == ["before"])
+        await asyncio.sleep(0.2)  # the watch is now blocked on the current index
+        started = time.monotonic()
         consul_emulator.restore(2)
-        await eventually(lambda: discovery.index_resets, lambda n: n >= 1, timeout_s=3, what="an index reset")
+        bound = 1.5 if backend == "rpc" else wait_s * 17 / 16 + 1.5
+        await eventually(lambda: discovery.index_resets, lambda n: n >= 1, timeout_s=bound, what="an index reset")
+        reset_s = time.monotonic() - started
+        if backend == "streaming":
+            assert reset_s > wait_s * 0.5, "the streaming backend does not wake a watcher on a restore"
         started = time.monotonic()
         await register_ttl(consul_client, consul_service_name, "after", 7106)
         snap = await until(discovery, lambda s: sorted(ids(s)) == ["after", "before"], timeout_s=4, what="the change after reset")
         assert time.monotonic() - started < 2.0  # not stuck blocking on the old, higher index
         assert not snap.stale and 0 < discovery.last_index <= 10
+
+
+async def test_answers_without_an_index_fall_back_to_rate_limited_polls(consul_emulator: EmulatorControl,
+                                                                         consul_address: ConsulAddress,
+                                                                         consul_client: consul.aio.Consul,
+                                                                         consul_service_name: str) -> None:
+    """A proxy that strips X-Consul-Index must not look like an outage: poll without blocking instead."""
+    consul_emulator.mode(strip_index=True)
+    await register_ttl(consul_client, consul_service_name, "a", 7110)
+    async with watching(consul_address, consul_service_name, poll_interval_s=0.3) as discovery:
+        snap = await until(discovery, lambda s: ids(s) == ["a"], timeout_s=5, what="the first poll")
+        assert not snap.stale and discovery.polling
+        await register_ttl(consul_client, consul_service_name, "b", 7111)
+        await until(discovery, lambda s: ids(s) == ["a", "b"], timeout_s=3, what="a change seen by polling")
+        queries = discovery.queries
+        await asyncio.sleep(1.5)
+        assert discovery.queries - queries <= 1.5 / 0.3 + 1  # paced by poll_interval_s, not spinning
+        assert discovery.unindexed_answers >= 3 and discovery.watch_errors == 0
+        consul_emulator.mode(strip_index=False)
+        await eventually(lambda: discovery.polling, lambda p: not p, timeout_s=3, what="blocking again")
+        assert not discovery.snapshot().stale
+
+
+@pytest.mark.parametrize("check", ["grpc", "ttl"])
+@pytest.mark.parametrize("how", ["forget", "deregister"])
+async def test_registrar_registers_again_when_the_agent_forgot_it(
+    check: str, how: str, request: pytest.FixtureRequest, consul_address: ConsulAddress,
+    consul_client: consul.aio.Consul, consul_service_name: str,
+) -> None:
+    """An agent restarted without its data (emulator ``forget``), or an operator's deregistration, is undone
+    within ``resync_s`` for both check kinds; a gRPC check alone would never tell the worker."""
+    control = request.getfixturevalue("consul_emulator") if how == "forget" else None
+    sid = f"w-{how}-{check}"
+    async with serve_health() as hs:
+        registrar = ConsulRegistrar(consul_address, service_name=consul_service_name, service_id=sid,
+                                    address="127.0.0.1", port=hs.port, check=check,  # type: ignore[arg-type]
+                                    interval_s=0.2, check_timeout_s=1.0, ttl_s=1.2, resync_s=0.4)
+        await registrar.register()
+        try:
+            await eventually(consul_client.agent.checks, lambda c: c[f"{sid}:health"]["Status"] == "passing",
+                             what="the check passing")
+            started = time.monotonic()
+            if control is not None:
+                assert sid in control.forget()
+            else:
+                assert await consul_client.agent.service.deregister(sid)
+            assert sid not in await consul_client.agent.services()
+            await eventually(consul_client.agent.services, lambda s: sid in s, timeout_s=3, what="re-registration")
+            assert time.monotonic() - started < registrar.resync_s + 1.0
+            assert registrar.reregistrations == 1
+            _, entries = await eventually(lambda: consul_client.health.service(consul_service_name, passing=True),
+                                          lambda r: [e["Service"]["ID"] for e in r[1]] == [sid], timeout_s=3,
+                                          what="passing again in the catalog")
+        finally:
+            await registrar.deregister()
+            await registrar.close()
 
 
 async def test_start_is_bounded_when_consul_is_down() -> None:

@@ -141,7 +141,7 @@ async def test_grpc_check_follows_the_health_servicer(consul_client: consul.aio.
         await eventually(status, lambda c: c["Status"] == "passing", what="passing again")
     # The server is gone now.
     check = await eventually(status, lambda c: c["Status"] == "critical", what="critical once the server stopped")
-    assert "UNAVAILABLE" in check["Output"]
+    assert "rpc error: code = Unavailable desc = " in check["Output"]  # grpc-go's code name, as Consul writes it
 
 
 async def test_grpc_check_probes_the_named_service(consul_client: consul.aio.Consul, consul_service_name: str) -> None:
@@ -268,9 +268,10 @@ async def test_pause_makes_consul_unavailable_until_resumed(consul_emulator: Emu
     assert entries == []
 
 
-async def test_restore_moves_the_index_backwards_and_wakes_watchers(consul_emulator: EmulatorControl,
-                                                                    consul_client: consul.aio.Consul,
-                                                                    consul_service_name: str) -> None:
+async def test_restore_moves_the_index_backwards_and_wakes_watchers_on_a_server(consul_emulator: EmulatorControl,
+                                                                                consul_client: consul.aio.Consul,
+                                                                                consul_service_name: str) -> None:
+    consul_emulator.mode(blocking="rpc")  # a server agent: the state store's abandon channel wakes everyone
     await register_ttl(consul_client, consul_service_name, f"{consul_service_name}-x", ttl="30s")
     index, _ = await consul_client.health.service(consul_service_name)
     waiter = asyncio.create_task(consul_client.health.service(consul_service_name, index=index, wait="10s"))
@@ -279,3 +280,63 @@ async def test_restore_moves_the_index_backwards_and_wakes_watchers(consul_emula
     new_index, entries = await asyncio.wait_for(waiter, 2)
     assert 0 < int(new_index) <= 2 < int(index)
     assert len(entries) == 1
+
+
+async def test_streaming_backend_shows_a_lower_index_only_when_wait_runs_out(consul_emulator: EmulatorControl,
+                                                                            consul_client: consul.aio.Consul,
+                                                                            consul_service_name: str) -> None:
+    """A client agent's materialized view answers a blocking query only once its index exceeds ``index``:
+    after a restore, neither the restore nor a new registration (at a still lower index) wakes it."""
+    assert consul_emulator.state()["blocking"] == "streaming"  # the default, as on a client agent
+    await register_ttl(consul_client, consul_service_name, f"{consul_service_name}-x", ttl="30s")
+    index, _ = await consul_client.health.service(consul_service_name)
+    started = time.monotonic()
+    waiter = asyncio.create_task(consul_client.health.service(consul_service_name, index=index, wait="1500ms"))
+    await asyncio.sleep(0.1)
+    consul_emulator.restore(2)
+    await register_ttl(consul_client, consul_service_name, f"{consul_service_name}-y", ttl="30s")
+    await asyncio.sleep(0.3)
+    assert not waiter.done(), "the streaming backend woke on a restore"
+    new_index, entries = await asyncio.wait_for(waiter, 4)
+    elapsed = time.monotonic() - started
+    assert 1.4 < elapsed < 1.5 * 17 / 16 + 1.0
+    assert 0 < int(new_index) < int(index)
+    assert len(entries) == 2  # the latest view, at the lower index
+
+
+async def test_meta_values_are_limited_to_512_bytes_not_characters(consul_client: consul.aio.Consul,
+                                                                   consul_service_name: str) -> None:
+    sid = f"{consul_service_name}-meta"
+    fits = {"ascii": "a" * 512, "accents": "é" * 256}  # 512 bytes each
+    assert await consul_client.agent.service.register(consul_service_name, service_id=sid, port=7005, meta=fits)
+    assert (await consul_client.agent.services())[sid]["Meta"] == fits
+    with pytest.raises(consul.ConsulException, match="Value is too long"):  # 257 characters, 514 bytes
+        await consul_client.agent.service.register(consul_service_name, service_id=sid, port=7005,
+                                                   meta={"accents": "é" * 257})
+
+
+async def test_forget_drops_every_service_as_an_agent_restarted_without_data(consul_emulator: EmulatorControl,
+                                                                             consul_client: consul.aio.Consul,
+                                                                             consul_service_name: str) -> None:
+    await register_ttl(consul_client, consul_service_name, f"{consul_service_name}-a", ttl="30s")
+    await register_ttl(consul_client, consul_service_name, f"{consul_service_name}-b", ttl="30s")
+    index, entries = await consul_client.health.service(consul_service_name)
+    assert len(entries) == 2
+    waiter = asyncio.create_task(consul_client.health.service(consul_service_name, index=index, wait="5s"))
+    await asyncio.sleep(0.1)
+    assert {f"{consul_service_name}-a", f"{consul_service_name}-b"} <= set(consul_emulator.forget())
+    new_index, entries = await asyncio.wait_for(waiter, 2)  # a change at a higher index wakes even streaming
+    assert entries == [] and int(new_index) > int(index)
+    assert not any(s["Service"] == consul_service_name for s in (await consul_client.agent.services()).values())
+    assert await consul_client.agent.check.ttl_pass(f"{consul_service_name}-a:ttl") is False  # 404: forgotten
+
+
+async def test_strip_index_drops_the_index_header(consul_emulator: EmulatorControl, consul_address: ConsulAddress,
+                                                  consul_service_name: str) -> None:
+    url = f"http://{consul_address.hostport}/v1/health/service/{consul_service_name}"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as resp:
+            assert resp.status == 200 and "X-Consul-Index" in resp.headers
+        consul_emulator.mode(strip_index=True)
+        async with session.get(url) as resp:
+            assert resp.status == 200 and "X-Consul-Index" not in resp.headers and await resp.json() == []

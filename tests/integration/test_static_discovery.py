@@ -3,6 +3,7 @@ something else (real worker and router processes, static discovery)."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -93,7 +94,7 @@ def test_worker_restarted_with_another_range_at_the_same_address_is_described_ag
         if router is not None:
             assert router.stop() == 0
         for proc in procs:
-            proc.stop()
+            proc.stop(signal.SIGKILL)
 
 
 def _try_infer(client: RouterClient) -> Any:

@@ -168,3 +168,24 @@ def test_ttl_registration_check() -> None:
                                             "DeregisterCriticalServiceAfter": "2m", "TTL": "15s"}
     grpc_check = ConsulRegistrar(ConsulAddress(), service_id="w", address="::1", port=5000).check_definition()
     assert grpc_check["GRPC"] == "[::1]:5000"
+
+
+def test_meta_values_are_limited_in_bytes_as_consul_counts() -> None:
+    assert worker_meta("m", "0:1", 2, "c", 1, extra={"note": "é" * 256})["note"] == "é" * 256  # 512 bytes
+    with pytest.raises(ConfigError, match="512 bytes"):
+        worker_meta("m", "0:1", 2, "c", 1, extra={"note": "é" * 257})  # 257 characters, 514 bytes
+
+
+def test_token_file_is_read_when_no_token_is_given(tmp_path: object) -> None:
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "token"
+    path.write_text("from-a-secret\n")
+    assert parse_consul_address(None, {"CONSUL_HTTP_TOKEN_FILE": str(path)}).token == "from-a-secret"
+    both = {"CONSUL_HTTP_TOKEN_FILE": str(path), "CONSUL_HTTP_TOKEN": "explicit"}
+    assert parse_consul_address(None, both).token == "explicit"  # as Consul's Go client: the token wins
+    with pytest.raises(ConfigError, match="CONSUL_HTTP_TOKEN_FILE.*cannot be read"):
+        parse_consul_address(None, {"CONSUL_HTTP_TOKEN_FILE": str(path) + ".missing"})
+    path.write_text("  \n")
+    with pytest.raises(ConfigError, match="is empty"):
+        parse_consul_address(None, {"CONSUL_HTTP_TOKEN_FILE": str(path)})
