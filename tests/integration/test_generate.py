@@ -18,7 +18,7 @@ from services.errors import ResourceExhausted
 from services.gen.shardmesh.v1 import worker_pb2, worker_pb2_grpc
 from services.models.registry import resolve_model
 from services.wire import codec
-from tests.procs import UpMesh, describe_all, mesh_up
+from tests.procs import UpMesh, describe_all, mesh_up, worker_channel
 
 pytestmark = [pytest.mark.integration]
 
@@ -137,7 +137,7 @@ def test_session_resources_are_freed() -> None:
         "workers": [{"layers": "0:3"}, {"layers": "3:6", "args": ["--session-ttl-s", "1", "--cache-budget-mb", "1"]}],
     }
     hidden_size = resolve_model("tiny-llama").hidden_size
-    with mesh_up(config) as mesh, RouterClient(mesh.router) as client, grpc.insecure_channel(mesh.workers["w1"]["address"]) as channel:
+    with mesh_up(config) as mesh, RouterClient(mesh.router) as client, worker_channel(mesh, "w1") as channel:
         stub = worker_pb2_grpc.ShardWorkerStub(channel)
 
         def open_session(session_id: str, tokens: int, position: int = 0) -> None:
@@ -182,3 +182,80 @@ def test_session_resources_are_freed() -> None:
 
         asyncio.run(start_and_cancel())
         assert _until(lambda: _sessions(mesh), lambda c: not any(c.values())) == {"w0": 0, "w1": 0}
+
+
+def _describe_sessions(addresses: dict[str, str]) -> dict[str, int]:
+    replies = {}
+    for name, address in addresses.items():
+        with grpc.insecure_channel(address) as channel:
+            reply = worker_pb2_grpc.ShardWorkerStub(channel).Describe(worker_pb2.DescribeRequest(), timeout=5)
+            replies[name] = reply.capacity.sessions
+    return replies
+
+
+def test_lost_and_refused_sessions_are_replayed_and_closed() -> None:
+    """Issue 14 defect 6: a worker that lost the session (NOT_FOUND, as after a restart at the same address)
+    or refuses a step's position gets the bounded replay, and the stale session on that live worker is closed."""
+    from tests.integration.test_failover_paths import _fault_worker
+    from tests.procs import start_router, start_worker, wait_serving
+
+    started = {
+        "w0": start_worker("tiny-llama", "0:2", "--no-batching", "--threads", "1"),
+        "w1": _fault_worker("lose-session:4", "tiny-llama", "2:4", "--no-batching", "--threads", "1"),
+        "w2": _fault_worker("shift-position:10", "tiny-llama", "4:6", "--no-batching", "--threads", "1"),
+    }
+    addresses = {name: address for name, (_, address) in started.items()}
+    try:
+        for address in addresses.values():
+            wait_serving(address)
+        router, router_address = start_router(list(addresses.values()))
+        wait_serving(router_address)
+        prompt = [1, 5, 77, 300, 12, 9]
+        with RouterClient(router_address) as client:
+            result = client.generate(tokens=prompt, max_new_tokens=24)
+        assert list(result.token_ids) == _reference("tiny-llama", prompt, 24)
+        assert result.failovers == 2, "both injected faults must have hit the generation and been replayed"
+        counts = _until(lambda: _describe_sessions(addresses), lambda c: not any(c.values()), 10)
+        assert counts == {"w0": 0, "w1": 0, "w2": 0}, counts
+        router.stop()
+    finally:
+        for proc, _ in started.values():
+            proc.stop()
+
+
+def test_failover_mid_generation_closes_the_old_session_on_the_live_worker() -> None:
+    """A hop that timed out (hung, then alive again) still holds the old session: the router closes it."""
+    config = {
+        "model": "tiny-llama",
+        "workers": [{"layers": "0:3"}, {"layers": "3:6", "replicas": 2}],
+        "worker_args": ["--no-batching", "--threads", "1"],
+        "router_args": ["--hop-timeout-ms", "500"],
+    }
+    prompt = [1, 400, 3, 18]
+    expected = _reference("tiny-llama", prompt, 500)
+    with mesh_up(config) as mesh:
+
+        async def run() -> tuple[str, list[int], object]:
+            victim = ""
+            tokens: list[int] = []
+            summary = None
+            async with AsyncRouterClient(mesh.router) as client:
+                async for event in client.generate_stream(build_generate_request(tokens=prompt, max_new_tokens=500), 120):
+                    if event.HasField("summary"):
+                        summary = event.summary
+                        break
+                    tokens.append(event.token.token_id)
+                    if len(tokens) == 3:
+                        counts = await asyncio.to_thread(_sessions, mesh)
+                        victim = next(name for name in ("w1r0", "w1r1") if counts[name] == 1)
+                        pid = int(mesh.workers[victim]["pid"])
+                        os.kill(pid, signal.SIGSTOP)
+                        await asyncio.sleep(1.5)
+                        os.kill(pid, signal.SIGCONT)
+            return victim, tokens, summary
+
+        victim, tokens, summary = asyncio.run(run())
+        assert summary is not None and summary.failovers >= 1 and victim not in summary.route  # type: ignore[attr-defined]
+        assert tokens == expected
+        counts = _until(lambda: _sessions(mesh), lambda c: not any(c.values()), 10)
+        assert counts == {w: 0 for w in mesh.workers}, counts
