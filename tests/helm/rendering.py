@@ -83,6 +83,17 @@ class Release:
 def render(chart: helm.Chart, values: dict[str, Any] | None = None) -> Release:
     """Renders like `helm install demo helm/shardmesh -n ml -f values` (schema validated by the engine)."""
     manifests = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return _release(chart, manifests, values)
+
+
+def render_upgrade(chart: helm.Chart, config: helm.Config, values: dict[str, Any] | None = None) -> Release:
+    """Renders like `helm upgrade demo helm/shardmesh -n ml -f values` against the cluster of ``config``: the
+    chart's `lookup` calls see that cluster's objects."""
+    manifests = config.render(chart, values or {}, name=RELEASE, namespace=NAMESPACE, is_upgrade=True)
+    return _release(chart, manifests, values)
+
+
+def _release(chart: helm.Chart, manifests: dict[str, str], values: dict[str, Any] | None) -> Release:
     objects: list[dict[str, Any]] = []
     notes = ""
     for path, text in sorted(manifests.items()):
