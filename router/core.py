@@ -91,7 +91,7 @@ class RouterCore:
         started = time.monotonic()
         deadline = started + (time_remaining if time_remaining is not None else self.request_timeout_s)
         mode = request.mode or self.default_mode
-        ids, mask = request_inputs(request, self._tokenizer, self.max_tensor_bytes)
+        ids, mask = await request_inputs(request, self._tokenizer, self.max_tensor_bytes)
         request_id = request.request_id or uuid.uuid4().hex
         result = await self.pipeline.run(request_id, ids, mask, deadline, relay=mode == tensor_pb2.MODE_RELAY)
         response = router_pb2.InferResponse(

@@ -7,6 +7,7 @@ output as a torch tensor (a copy: safe to modify).
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -83,11 +84,26 @@ def build_request(
     return req
 
 
+TOKEN_ENV = "SHARDMESH_TOKEN"
+
+
 def _router_error(exc: grpc.aio.AioRpcError, address: str) -> Exception:
     err = from_rpc_error(exc, address=address)
-    if exc.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (exc.details() or "").lower():
+    details = (exc.details() or "").lower()
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details:
         err.message = f"cannot reach the router at {address} (is `shardmesh router` or `shardmesh up` running?): {err.message}"
+    elif exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details:
+        # gRPC refused the message from its length prefix; its text names bytes, not the flag.
+        err.message = (
+            f"{err.message}: the router accepts messages up to --max-tensor-mb (or --max-text-bytes) plus 1 MiB; "
+            "send a smaller input"
+        )
     return err
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The bearer-token metadata a router with --auth-tokens-file expects (none without a token)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 class AsyncRouterClient:
@@ -100,13 +116,16 @@ class AsyncRouterClient:
         tls_ca: str | Path | None = None,
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
+        token: str | None = None,
     ) -> None:
+        """``token``: bearer token for a router with --auth-tokens-file; default $SHARDMESH_TOKEN ("" = none)."""
         tls = TlsFiles.from_flags(
             str(tls_cert) if tls_cert else None, str(tls_key) if tls_key else None, str(tls_ca) if tls_ca else None
         )
         tls = tls if tls.enabled else None
         self.address = address
-        self._channel = open_channel(address, tls)
+        token = os.environ.get(TOKEN_ENV) if token is None else token
+        self._channel = open_channel(address, tls, metadata=auth_metadata(token))
         self._stub = router_pb2_grpc.RouterStub(self._channel)
 
     async def __aenter__(self) -> AsyncRouterClient:
@@ -223,13 +242,14 @@ def build_generate_request(
 class RouterClient:
     """Blocking client for scripts: each call runs on a private event loop."""
 
-    def __init__(self, address: str, **tls: str | Path | None) -> None:
+    def __init__(self, address: str, **options: str | Path | None) -> None:
+        """``options``: ``tls_ca``, ``tls_cert``, ``tls_key``, ``token`` as for :class:`AsyncRouterClient`."""
         self._loop = asyncio.new_event_loop()
-        self._client = self._loop.run_until_complete(self._make(address, tls))
+        self._client = self._loop.run_until_complete(self._make(address, options))
 
     @staticmethod
-    async def _make(address: str, tls: dict[str, str | Path | None]) -> AsyncRouterClient:
-        return AsyncRouterClient(address, **tls)
+    async def _make(address: str, options: dict[str, str | Path | None]) -> AsyncRouterClient:
+        return AsyncRouterClient(address, **options)  # type: ignore[arg-type]
 
     def infer(self, *, timeout_s: float = 60.0, **kwargs: object) -> InferResult:
         return self._loop.run_until_complete(self._client.infer(timeout_s=timeout_s, **kwargs))

@@ -21,6 +21,17 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be positive, got {value}")
 
 
+def _non_negative(name: str, value: float) -> float:
+    if value < 0:
+        raise ConfigError(f"{name} must be 0 (off) or positive, got {value}")
+    return value
+
+
+def _positive_int(name: str, value: int) -> int:
+    _positive(name, value)
+    return value
+
+
 @dataclass(frozen=True)
 class ConsulRegistration:
     """How a worker registers itself with its Consul agent (absent with --no-consul-register)."""
@@ -53,6 +64,7 @@ class WorkerConfig:
     log_level: str
     health_listen: str | None = None
     max_batch_tokens: int = 32768  # batch x tokens of one request; larger is refused before compute
+    mesh_key_file: str | None = None  # --mesh-key-file or $SHARDMESH_MESH_KEY_FILE (services/security/mesh_key.py)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> WorkerConfig:
@@ -91,6 +103,7 @@ class WorkerConfig:
             log_level=args.log_level,
             health_listen=args.health_listen,
             max_batch_tokens=args.max_batch_tokens,
+            mesh_key_file=getattr(args, "mesh_key_file", None),
         )
 
     def resolved_worker_id(self, bound_address: str) -> str:
@@ -125,6 +138,10 @@ class RouterConfig:
     log_level: str
     health_listen: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    auth_tokens_file: str | None = None  # bearer token -> tenant (services/security/tokens.py)
+    rate_limit_rps: float = 0.0  # per tenant; 0 = no limit
+    max_text_bytes: int = 1024 * 1024
+    mesh_key_file: str | None = None  # --mesh-key-file or $SHARDMESH_MESH_KEY_FILE (services/security/mesh_key.py)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> RouterConfig:
@@ -156,4 +173,8 @@ class RouterConfig:
             log_level=args.log_level,
             health_listen=args.health_listen,
             env=env,
+            auth_tokens_file=args.auth_tokens_file,
+            rate_limit_rps=_non_negative("--rate-limit-rps", args.rate_limit_rps),
+            max_text_bytes=_positive_int("--max-text-bytes", args.max_text_bytes),
+            mesh_key_file=getattr(args, "mesh_key_file", None),
         )

@@ -113,6 +113,15 @@ class UpMesh:
     proc: Proc
     router: str
     workers: dict[str, dict[str, str]]  # name -> {pid, address}
+    mesh_key_path: str = ""  # from the "security: ... mesh key PATH" line
+
+    @property
+    def mesh_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata that lets a test call workers' mesh methods (Forward, ForwardStream, CloseSession)."""
+        from services.security.mesh_auth import mesh_call_metadata
+        from services.security.mesh_key import load_mesh_key
+
+        return mesh_call_metadata(load_mesh_key(self.mesh_key_path, {})) if self.mesh_key_path else ()
 
 
 @contextmanager
@@ -124,13 +133,16 @@ def mesh_up(config: dict[str, object], timeout_s: float = START_TIMEOUT_S) -> It
     proc = Proc([*CLI, "up", path])
     try:
         workers: dict[str, dict[str, str]] = {}
+        key_path = ""
         while True:
             line = proc.expect("", timeout_s)
             if line.startswith("worker "):
                 info = fields(line)
                 workers[info["name"]] = info
+            elif line.startswith("security:") and "mesh key /" in line:
+                key_path = line.rsplit("mesh key ", 1)[1].strip()
             elif line.startswith("ready router="):
-                yield UpMesh(proc, fields(line)["router"], workers)
+                yield UpMesh(proc, fields(line)["router"], workers, key_path)
                 break
     finally:
         code = proc.stop(signal.SIGINT, 60)
@@ -179,3 +191,36 @@ def describe_all(mesh: UpMesh) -> dict[str, object]:
         with grpc.insecure_channel(info["address"]) as channel:
             replies[name] = worker_pb2_grpc.ShardWorkerStub(channel).Describe(worker_pb2.DescribeRequest(), timeout=5)
     return replies
+
+
+def worker_channel(mesh: UpMesh, name: str):  # type: ignore[no-untyped-def]
+    """A blocking channel to one of ``mesh``'s workers whose calls carry the mesh token (a mesh member's)."""
+    import collections
+
+    import grpc
+
+    class _Details(
+        collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+        grpc.ClientCallDetails,
+    ):
+        pass
+
+    class _AddMetadata(
+        grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+        grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor,
+    ):
+        def _details(self, d):  # type: ignore[no-untyped-def]
+            metadata = (*(d.metadata or ()), *mesh.mesh_metadata)
+            return _Details(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready, d.compression)
+
+        def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+            return continuation(self._details(details), request)
+
+        intercept_unary_stream = intercept_unary_unary
+
+        def intercept_stream_unary(self, continuation, details, request_iterator):  # type: ignore[no-untyped-def]
+            return continuation(self._details(details), request_iterator)
+
+        intercept_stream_stream = intercept_stream_unary
+
+    return grpc.intercept_channel(grpc.insecure_channel(mesh.workers[name]["address"]), _AddMetadata())

@@ -71,6 +71,7 @@ async def _mesh_beside_reference(spec: MeshSpec, load_reference: Callable[[], T]
     try:
         address = await mesh.start()
         reference = await reference_task
+        print(mesh.security_line())
         print(f"ready: router at {address}\n")
         yield address, reference
     finally:

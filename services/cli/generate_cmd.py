@@ -20,7 +20,8 @@ async def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         mode=args.mode,
     )
-    async with AsyncRouterClient(args.router) as client:
+    tls = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+    async with AsyncRouterClient(args.router, **tls, token=args.token) as client:  # token None = $SHARDMESH_TOKEN
         async for event in client.generate_stream(request, args.timeout_s):
             if event.HasField("token"):
                 if not args.json:

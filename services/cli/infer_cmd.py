@@ -9,7 +9,8 @@ from services.client import RouterClient
 
 
 def run(args: argparse.Namespace) -> int:
-    with RouterClient(args.router, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
+    # token None = $SHARDMESH_TOKEN (read by the client)
+    with RouterClient(args.router, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token=args.token) as client:
         for text in args.text:
             result = client.infer(text=text, mode=args.mode, timeout_s=args.timeout_s)
             if args.json:

@@ -18,11 +18,23 @@ def _add_tls(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-ca", metavar="FILE", help="PEM CA bundle used to verify peers")
 
 
+def _add_token(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", default=None,
+                   help="bearer token for a router with --auth-tokens-file (default: $SHARDMESH_TOKEN)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--health-listen", metavar="HOST:PORT",
                    help="extra plaintext listener serving only grpc.health.v1 (for kubelet probes when TLS is on)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+
+
+def _add_mesh_key(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh-key-file", metavar="FILE",
+                   help="shared secret of this mesh (32+ random bytes or 64+ hex digits; default: "
+                        "$SHARDMESH_MESH_KEY_FILE): the router signs relay routes with it and workers relay only along "
+                        "signed routes. Without it workers relay only to loopback peers")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--model", required=True, help="built-in name (minilm, tiny-llama, smollm2) or a model directory")
     w.add_argument("--layers", required=True, metavar="START:END", help="half-open layer range this worker holds")
     w.add_argument("--listen", required=True, metavar="HOST:PORT", help="gRPC listen address (port 0 = pick a free port)")
-    w.add_argument("--advertise", metavar="HOST:PORT", help="address peers should dial (default: the bound --listen)")
+    w.add_argument("--advertise", metavar="HOST:PORT",
+                   help="address this worker registers in Consul and reports in Describe; it does not change the bind. "
+                        "Routers using Consul dial it; static:// routers dial the address they were given. "
+                        "Default: the --listen host with the bound port; for a wildcard --listen (0.0.0.0, ::) the "
+                        "host's default-route address (loopback if it has none)")
     w.add_argument("--worker-id", help="stable id for this instance (default: derived from host, port and layers)")
     w.add_argument("--max-inflight", type=int, default=64, help="requests admitted at once; more get RESOURCE_EXHAUSTED")
     w.add_argument("--max-tensor-mb", type=int, default=256, help="largest tensor accepted from the wire, in MiB")
@@ -64,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-consul-register", action="store_true",
                    help="do not self-register (the platform registers pods, e.g. consul-k8s)")
     _add_tls(w)
+    _add_mesh_key(w)
     _add_common(w)
 
     r = sub.add_parser("router", help="run the router")
@@ -92,7 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, seconds to finish in-flight requests")
     r.add_argument("--fault-injection", metavar="FILE",
                    help="chaos testing only: fail a share of calls as a JSON control FILE says (see docs/chaos.md)")
+    r.add_argument("--max-text-bytes", type=int, default=1024 * 1024,
+                   help="largest text input (UTF-8 bytes) the router tokenises; longer gets INVALID_ARGUMENT")
+    a = r.add_argument_group("client authentication (see docs/security.md)")
+    a.add_argument("--auth-tokens-file", metavar="FILE",
+                   help="YAML/JSON file of bearer token -> tenant (optional per-tenant limits); reloaded when it changes. "
+                        "Clients without a known token get UNAUTHENTICATED (health and reflection stay open)")
+    a.add_argument("--rate-limit-rps", type=float, default=0.0,
+                   help="requests per second allowed to each tenant (0 = no limit); more get RESOURCE_EXHAUSTED")
     _add_tls(r)
+    _add_mesh_key(r)
     _add_common(r)
 
     u = sub.add_parser("up", help="start a local mesh (router + workers) from a YAML file")
@@ -107,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--tls-ca", metavar="FILE", help="PEM CA bundle to verify the router (enables TLS)")
     i.add_argument("--tls-cert", metavar="FILE", help="client certificate, when the router requires mutual TLS")
     i.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert")
+    _add_token(i)
     i.add_argument("text", nargs="+", metavar="TEXT")
 
     d = sub.add_parser("demo", help="start a local 3-worker mesh, compare with the single-process model, stop")
@@ -132,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=["direct", "relay"])
     g.add_argument("--json", action="store_true", help="print one object at the end: text, token_ids, ttft_ms, tokens_per_s, route")
     g.add_argument("--timeout-s", type=float, default=120.0)
+    g.add_argument("--tls-ca", metavar="FILE", help="PEM CA bundle to verify the router (enables TLS)")
+    g.add_argument("--tls-cert", metavar="FILE", help="client certificate, when the router requires mutual TLS")
+    g.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert")
+    _add_token(g)
     g.add_argument("prompt", metavar="PROMPT")
 
     ch = sub.add_parser("chaos", help="run chaos scenarios against a local mesh and check the recorded history")

@@ -13,13 +13,17 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.errors import ShardmeshError
 from services.lifecycle import LISTENING_PREFIX
+from services.localmesh.security import MESH_KEY_FLAG, MeshKeyDir, has_flag, security_line
 from services.localmesh.spec import MeshSpec, WorkerSpec
+from services.security.mesh_auth import mesh_call_metadata
+from services.security.mesh_key import load_mesh_key
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +154,12 @@ def worker_argv(spec: MeshSpec, worker: WorkerSpec, extra: tuple[str, ...] = ())
     ]  # fmt: skip
 
 
-def router_argv(spec: MeshSpec, worker_addresses: list[str]) -> list[str]:
+def router_argv(spec: MeshSpec, worker_addresses: list[str], extra: tuple[str, ...] = ()) -> list[str]:
     if spec.discovery == "consul":
         discovery = ["--discovery", f"consul://{spec.consul_address}?service={spec.consul_service}"]
     else:
         discovery = ["--workers", ",".join(worker_addresses)]
-    return [*_cli(), "router", "--listen", spec.router_listen, "--mode", spec.mode, *discovery, *spec.router_args]
+    return [*_cli(), "router", "--listen", spec.router_listen, "--mode", spec.mode, *discovery, *spec.router_args, *extra]
 
 
 class LocalMesh:
@@ -167,26 +171,51 @@ class LocalMesh:
         self.router: Child | None = None
         self._progress = progress or (lambda name, event: None)
         self._echo = echo_stderr
+        self._key_dir: MeshKeyDir | None = None
 
     @property
     def router_address(self) -> str:
         return self.router.address if self.router else ""
 
+    @property
+    def mesh_key_path(self) -> Path | None:
+        """The mesh key generated for this run (None when the spec brings its own --mesh-key-file)."""
+        return self._key_dir.path if self._key_dir else None
+
+    def mesh_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata that makes a caller a member of this mesh (for tests and tools calling workers)."""
+        return mesh_call_metadata(load_mesh_key(str(self._key_dir.path), {})) if self._key_dir else ()
+
+    def security_line(self) -> str:
+        listens = [self.spec.router_listen, *(w.listen for w in self.spec.workers)]
+        tls = has_flag(self.spec.router_args, "--tls-cert")
+        return security_line(listens, tls, self.mesh_key_path)
+
+    def _key_args(self) -> tuple[str, ...]:
+        return (MESH_KEY_FLAG, str(self._key_dir.path)) if self._key_dir else ()
+
     def _worker_extra(self) -> tuple[str, ...]:
         if self.spec.discovery != "consul":
-            return ()
+            return self._key_args()
         agent = ("--consul", self.spec.consul_address) if self.spec.consul_address else ()
-        return (*agent, "--consul-service", self.spec.consul_service)
+        return (*agent, "--consul-service", self.spec.consul_service, *self._key_args())
+
+    def _ensure_mesh_key(self) -> None:
+        """Every local mesh runs with a mesh key unless its spec passes one itself."""
+        brings_own = has_flag(self.spec.router_args, MESH_KEY_FLAG) or has_flag(self.spec.worker_args, MESH_KEY_FLAG)
+        if self._key_dir is None and not brings_own:
+            self._key_dir = MeshKeyDir()
 
     async def start(self, timeout_s: float = START_TIMEOUT_S) -> str:
         try:
+            self._ensure_mesh_key()
             for w in self.spec.workers:
                 child = Child(w.name, worker_argv(self.spec, w, self._worker_extra()))
                 await child.spawn(self._echo)
                 self.workers.append(child)
                 self._progress(w.name, "started")
             await asyncio.gather(*(self._await_worker(c, timeout_s) for c in self.workers))
-            self.router = Child("router", router_argv(self.spec, [c.address for c in self.workers]))
+            self.router = Child("router", router_argv(self.spec, [c.address for c in self.workers], self._key_args()))
             await self.router.spawn(self._echo)
             self._progress("router", "started")
             await self.router.wait_listening(timeout_s)
@@ -223,6 +252,9 @@ class LocalMesh:
         results = await asyncio.gather(*(c.stop() for c in self.workers), return_exceptions=True)
         for child, code in zip(self.workers, results):
             codes[child.name] = code if not isinstance(code, BaseException) else None
+        if self._key_dir is not None:
+            self._key_dir.remove()
+            self._key_dir = None
         return codes
 
     async def __aenter__(self) -> LocalMesh:

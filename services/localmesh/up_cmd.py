@@ -34,6 +34,7 @@ async def _up(config_path: str) -> int:
         return 1
     for child in mesh.workers:
         print(f"worker name={child.name} pid={child.pid} address={child.address}", flush=True)
+    print(mesh.security_line(), flush=True)
     print(f"ready router={address}", flush=True)
     await stop.wait()
     codes = await mesh.stop()

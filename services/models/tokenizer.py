@@ -22,9 +22,10 @@ from services.models.sentence_config import read_sentence_config
 class TextTokenizer:
     """``encode(text) -> (ids, attention_mask)`` and ``decode(ids) -> text`` for one model."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, truncate: bool) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, truncate: bool, max_positions: int | None = None) -> None:
         self._tokenizer = tokenizer
         self._truncate = truncate
+        self.max_positions = max_positions  # the model's max_position_embeddings: most tokens one input may have
 
     @property
     def eos_token_id(self) -> int | None:
@@ -34,8 +35,15 @@ class TextTokenizer:
     def max_length(self) -> int:
         return int(self._tokenizer.model_max_length)
 
-    def encode(self, text: str) -> tuple[list[int], list[int]]:
-        encoded = self._tokenizer(text, truncation="longest_first" if self._truncate else False)
+    def encode(self, text: str, max_tokens: int | None = None) -> tuple[list[int], list[int]]:
+        """``max_tokens``: stop after this many (for a caller that only needs to know the input is too long;
+        it also keeps the ids list, built while holding the GIL, short)."""
+        if self._truncate:
+            encoded = self._tokenizer(text, truncation="longest_first")
+        elif max_tokens is not None:
+            encoded = self._tokenizer(text, truncation=True, max_length=max_tokens)
+        else:
+            encoded = self._tokenizer(text, truncation=False)
         return list(encoded["input_ids"]), list(encoded["attention_mask"])
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -46,8 +54,11 @@ def load_text_tokenizer(model_dir: Path, architecture: str, max_position_embeddi
     if not (model_dir / "tokenizer.json").is_file():
         raise ConfigError(f"{model_dir} has no tokenizer.json: text input needs the model's fast tokenizer")
     if architecture == "bert":
-        return _sentence_transformers_tokenizer(model_dir, max_position_embeddings)
-    return TextTokenizer(AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True), truncate=False)
+        tokenizer = _sentence_transformers_tokenizer(model_dir, max_position_embeddings)
+        tokenizer.max_positions = max_position_embeddings
+        return tokenizer
+    auto = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    return TextTokenizer(auto, truncate=False, max_positions=max_position_embeddings)
 
 
 def _sentence_transformers_tokenizer(model_dir: Path, max_position_embeddings: int | None) -> TextTokenizer:
