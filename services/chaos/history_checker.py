@@ -116,7 +116,10 @@ def _fault_windows(events: Sequence[Event], faults: Sequence[FaultPlan]) -> list
     return out
 
 
-def check(events: Sequence[Event], oracle: Oracle, faults: Sequence[FaultPlan], expect: Expectations) -> Verdict:
+def check(events: Sequence[Event], oracle: Oracle, faults: Sequence[FaultPlan], expect: Expectations,
+          mode: str = "direct") -> Verdict:
+    """``mode``: the mesh's default path, which decides who dials whom (a pair fault [router, w1r0] touches
+    relay traffic only where w1r0 is the first stage)."""
     ops = _ops(events)
     problems: list[str] = []
     lost = failed_allowed = wrong = once = 0
@@ -162,7 +165,7 @@ def check(events: Sequence[Event], oracle: Oracle, faults: Sequence[FaultPlan], 
     }
     reports = []
     for fault, at, window_end, result in windows:
-        report = _fault_report(fault, at, window_end, result, ops, baseline)
+        report = _fault_report(fault, at, window_end, result, ops, baseline, mode)
         reports.append(report)
         problems.extend(_fault_problems(report, fault, expect, result))
     for f in faults:
@@ -184,28 +187,41 @@ def _exactly_once(e: Event, problems: list[str]) -> int:
     return 0
 
 
+def passes_through(route: Sequence[str], target: Sequence[str], mode: str) -> bool:
+    """Whether a request on ``route`` used the faulty worker, or for a pair [source, worker] that link."""
+    if not target:
+        return False
+    worker = target[-1]
+    if len(target) == 1:
+        return worker in route
+    source = target[0]
+    if source == "router":
+        return worker in route if mode == "direct" else bool(route) and route[0] == worker
+    return any(a == source and b == worker for a, b in zip(route, route[1:])) and mode == "relay"
+
+
 def _fault_report(fault: FaultPlan, at: float, window_end: float, result: dict[str, Any], ops: list[Op],
-                  baseline: dict[str, float]) -> FaultReport:
+                  baseline: dict[str, float], mode: str) -> FaultReport:
     target = fault.worker
     consul = fault.kind in CONSUL_FAULTS
     in_flight = [o for o in ops if o.start < at < o.stop]
     overlapping = [o for o in ops if o.start < window_end and o.stop > at]
 
     def shows_fault(o: Op) -> bool:
-        return consul or not o.ok or o.attempts > 1 or (bool(target) and target in o.route)
+        return consul or not o.ok or o.attempts > 1 or passes_through(o.route, fault.target, mode)
 
     hit = [o for o in overlapping if shows_fault(o)]
     failovers = [o for o in overlapping if o.ok and o.attempts > 1]
     good_after = [
         o.stop for o in ops
-        if o.ok and o.stop > at and ((o.start >= at and (consul or target not in o.route)) or o.attempts > 1)
+        if o.ok and o.stop > at and ((o.start >= at and (consul or not passes_through(o.route, fault.target, mode))) or o.attempts > 1)
     ]
-    affected = [o for o in overlapping if o.ok and (o.start < at or o.attempts > 1 or (target and target in o.route))]
+    affected = [o for o in overlapping if o.ok and (o.start < at or o.attempts > 1 or passes_through(o.route, fault.target, mode))]
     extras = [o.latency_ms - baseline[o.invoke.op] for o in affected if o.invoke.op in baseline]
     avoid = None
     if target and fault.kind in WINDOWED and not consul:
         late = [o for o in ops if o.ok and at + AVOID_AFTER_S <= o.start < window_end]
-        avoid = sum(target not in o.route for o in late) / len(late) if late else None
+        avoid = sum(not passes_through(o.route, fault.target, mode) for o in late) / len(late) if late else None
     return FaultReport(
         label=fault.label, kind=fault.kind, at=round(at, 3), window_end=round(window_end, 3),
         in_flight=len(in_flight), overlapping=len(overlapping), hit=len(hit), failovers=len(failovers),

@@ -54,6 +54,7 @@ class _Conn:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    identify: asyncio.Task[str] | None = None
 
     def reset(self) -> None:
         for w in (self.client, self.upstream):
@@ -147,16 +148,21 @@ class FaultProxy:
     # -- forwarding -----------------------------------------------------------------------------------
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        source = await asyncio.to_thread(owner_of_port, peer[1], dict(self._pids())) if peer else "other"
-        conn = _Conn(source, writer)
+        conn = _Conn("other", writer)
         self.stats["connections"] += 1
-        if self._active("reset", source, TO):
+        # Attributing the caller scans a few processes' sockets: off the loop, and without delaying the
+        # connection (a fault aimed at a pair applies once the caller is known; faults start later anyway).
+        identify = asyncio.create_task(asyncio.to_thread(owner_of_port, peer[1], dict(self._pids()))) if peer else None
+        conn.identify = identify
+        if identify is not None:
+            identify.add_done_callback(lambda t: self._identified(conn, t))
+        if self._active("reset", conn.source, TO):
             self.stats["reset"] += 1
             conn.reset()
             return
         self._conns.add(conn)
         try:
-            while self._held(source, TO):  # a partitioned caller's connect "succeeds", then nothing flows
+            while self._held(conn.source, TO):  # a partitioned caller's connect "succeeds", then nothing flows
                 await self._changed.wait()
             try:
                 up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(*self.upstream), 5)
@@ -165,8 +171,8 @@ class FaultProxy:
                 return
             conn.upstream = up_writer
             conn.tasks = [
-                asyncio.create_task(self._pipe(reader, up_writer, source, TO)),
-                asyncio.create_task(self._pipe(up_reader, writer, source, FROM)),
+                asyncio.create_task(self._pipe(reader, up_writer, conn, TO)),
+                asyncio.create_task(self._pipe(up_reader, writer, conn, FROM)),
             ]
             done, _ = await asyncio.wait(conn.tasks, return_when=asyncio.FIRST_COMPLETED)
             # One side ended: a reset there becomes a reset here, an orderly close stays orderly.
@@ -185,7 +191,17 @@ class FaultProxy:
                 if w is not None:
                     w.close()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str, direction: str) -> None:
+    def _identified(self, conn: _Conn, task: asyncio.Task[str]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        conn.source = task.result()
+        for rule in self.rules:  # a reset aimed at this caller that began before it was known
+            if rule.kind == "reset" and rule.source == conn.source:
+                self.stats["reset"] += 1
+                conn.reset()
+        self._wake()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn, direction: str) -> None:
         """Reader and writer halves joined by a queue, so a delay pipelines chunks instead of serialising."""
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         budget = asyncio.Semaphore(max(1, MAX_QUEUED_BYTES // CHUNK))
@@ -200,7 +216,7 @@ class FaultProxy:
         async def read_chunks() -> None:
             last_release = 0.0
             while True:
-                while self._held(source, direction):
+                while self._held(conn.source, direction):
                     self.stats["held_chunks"] += 1
                     await self._changed.wait()
                 data = await reader.read(CHUNK)
@@ -209,7 +225,7 @@ class FaultProxy:
                     await queue.put((0.0, b""))
                     return
                 release = time.monotonic()
-                rule = self._active("delay", source, direction)
+                rule = self._active("delay", conn.source, direction)
                 if rule is not None:
                     self.stats["delayed_chunks"] += 1
                     jitter = random.uniform(-rule.jitter_ms, rule.jitter_ms) if rule.jitter_ms else 0.0
@@ -222,18 +238,18 @@ class FaultProxy:
                 release, data = await queue.get()
                 budget.release()
                 if release < 0:
-                    raise ConnectionResetError(f"{source} {direction}: the other side of the proxy broke")
+                    raise ConnectionResetError(f"{conn.source} {direction}: the other side of the proxy broke")
                 if not data:
                     with contextlib.suppress(OSError):
                         if writer.can_write_eof():
                             writer.write_eof()
                     return
-                while self._held(source, direction):
+                while self._held(conn.source, direction):
                     await self._changed.wait()
                 wait = release - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                rule = self._active("bandwidth", source, direction)
+                rule = self._active("bandwidth", conn.source, direction)
                 if rule is not None and rule.kbps > 0:  # a chunk arrives after its transmission time on the link
                     await asyncio.sleep(len(data) / (rule.kbps * 1000 / 8))
                 writer.write(data)

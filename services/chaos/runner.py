@@ -159,12 +159,12 @@ async def run_scenario_async(scenario: Scenario, consul_http: str, emulator: Any
             driver = LoadDriver(mesh.router_address, scenario.load, oracle, history)
             fault_tasks = [asyncio.create_task(run_fault(targets, f, load_start)) for f in scenario.faults]
             sent = await driver.run()
-            limit = max([0.0] + [f.at_s + f.duration_s + 45 for f in scenario.faults])
+            limit = max([0.0] + [f.at_s + f.duration_s + 120 for f in scenario.faults])  # a restart reloads weights
             _, late = await asyncio.wait(fault_tasks, timeout=max(5.0, limit - (time.monotonic() - load_start))) if fault_tasks else (set(), set())
             for task in late:
                 task.cancel()
             result["requests_sent"] = sent
-            verdict = check(history.events, oracle, scenario.faults, scenario.expect)
+            verdict = check(history.events, oracle, scenario.faults, scenario.expect, scenario.mesh.mode)
             result["verdict"] = verdict.to_json()
             result["fault_results"] = targets.results
             result["events"] = history.events

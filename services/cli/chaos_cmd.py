@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from services.chaos.history import History
-    from services.chaos.report import markdown_table, plot_timeline, problems_list
+    from services.chaos.report import markdown_table, plot_timeline
     from services.chaos.runner import run_scenario
 
     results: list[dict[str, Any]] = []
@@ -60,15 +60,21 @@ def run(args: argparse.Namespace) -> int:
             plot_timeline(result, events, _plot_path(args.plot, scenario.name, len(scenarios) > 1))
         result["history"] = [json.loads(e.to_json()) for e in events] if args.json_path else None
         results.append(result)
-    table = markdown_table(results)
-    print(table)
+        _write(args, results, started, len(scenarios))  # after each scenario: a long matrix run keeps what it has
+    print(markdown_table(results))
     passed = sum(r["verdict"]["passed"] for r in results)
-    summary = f"{passed} of {len(results)} scenarios passed"
-    print(summary)
-    if args.markdown:
-        Path(args.markdown).write_text(f"{table}\n\n{summary}\n\nProblems:\n{problems_list(results)}\n")
-    if args.json_path:
-        document = {"suite": "chaos", "started_at": started,
-                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": results}
-        Path(args.json_path).write_text(json.dumps(document, indent=1, default=str) + "\n")
+    print(f"{passed} of {len(results)} scenarios passed")
     return 0 if passed == len(results) else 1
+
+
+def _write(args: argparse.Namespace, results: list[dict[str, Any]], started: str, planned: int) -> None:
+    from services.chaos.report import markdown_table, problems_list
+
+    passed = sum(r["verdict"]["passed"] for r in results)
+    summary = f"{passed} of {len(results)} scenarios passed" + (f" ({planned - len(results)} not run yet)" if planned > len(results) else "")
+    if args.markdown:
+        Path(args.markdown).write_text(f"{markdown_table(results)}\n\n{summary}\n\nProblems:\n{problems_list(results)}\n")
+    if args.json_path:
+        document = {"suite": "chaos", "started_at": started, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "summary": summary, "results": results}
+        Path(args.json_path).write_text(json.dumps(document, indent=1, default=str) + "\n")

@@ -293,3 +293,14 @@ async def test_interceptor_aborts_unary_calls_and_answers_stream_requests_in_ban
             assert await unary(b"again", timeout=5) == b"again"
     finally:
         await server.stop(None)
+
+
+def test_a_pair_fault_counts_only_requests_over_that_link() -> None:
+    from services.chaos.history_checker import passes_through
+
+    assert passes_through(("w0r0", "w1r0"), ("w0r0", "w1r0"), "relay")
+    assert not passes_through(("w0r1", "w1r0"), ("w0r0", "w1r0"), "relay")  # another caller of the same worker
+    assert not passes_through(("w0r0", "w1r0"), ("w0r0", "w1r0"), "direct")  # no worker-to-worker link in direct mode
+    assert passes_through(("w0r0", "w1r0"), ("router", "w1r0"), "direct")
+    assert not passes_through(("w0r0", "w1r0"), ("router", "w1r0"), "relay")  # in relay the router dials stage 0 only
+    assert passes_through(("w0r1", "w1r0"), ("w1r0",), "relay")
