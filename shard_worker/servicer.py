@@ -11,6 +11,8 @@ from services.errors import Unavailable, grpc_errors, status_of
 from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
 from services.transport.chunked import MessageAssembler, split_message
 from services.transport.stream_server import StreamHandlers, serve_multiplexed
+from services.transport.raw import add_parsing_servicer, parser
+from services.transport.release import release_request, release_response
 from shard_worker.core import WorkerCore
 
 log = logging.getLogger(__name__)
@@ -63,13 +65,19 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         async def handle(request: worker_pb2.ForwardRequest) -> worker_pb2.ForwardResponse:
             return await core.forward(request, core.deadline_for(request, None))
 
-        assembler: MessageAssembler[worker_pb2.ForwardRequest] = MessageAssembler()
+        # Chunk 0 is checked against --max-tensor-mb before anything is buffered (chunk bombs).
+        assembler: MessageAssembler[worker_pb2.ForwardRequest] = MessageAssembler(core.max_tensor_bytes)
         handlers: StreamHandlers[worker_pb2.ForwardRequest, worker_pb2.ForwardResponse] = StreamHandlers(
             handle=handle,
             on_error=lambda request, exc: error_response(core, request, exc),
             is_cancel=lambda request: request.cancel,
             absorb=assembler.add,
             expand=split_message,
+            parse=parser(worker_pb2.ForwardRequest),  # registered with raw bytes: corrupt messages answered in-band
+            empty=worker_pb2.ForwardRequest,
+            forget=assembler.discard,
+            release_request=release_request,
+            release_response=release_response,
         )
         try:
             await serve_multiplexed(context, handlers, self._max_stream_pending)
@@ -86,3 +94,14 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         sessions = self._core.sessions
         existed = sessions.close(request.session_id, request.session_key) if sessions else False
         return worker_pb2.CloseSessionResponse(existed=existed)
+
+
+def add_to_server(servicer: ShardWorkerServicer, server: grpc.aio.Server) -> None:
+    """Registers the ShardWorker service; Forward and ForwardStream parse their messages in the handler,
+    so a corrupt message is INVALID_ARGUMENT (in-band on the stream) instead of gRPC's UNKNOWN."""
+    add_parsing_servicer(
+        worker_pb2_grpc.add_ShardWorkerServicer_to_server,
+        servicer,
+        server,
+        {"Forward": worker_pb2.ForwardRequest, "ForwardStream": worker_pb2.ForwardRequest},
+    )

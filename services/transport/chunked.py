@@ -42,10 +42,14 @@ def split_message(msg: M, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[M]:
 
 
 class MessageAssembler(Generic[M]):
-    """Collects the chunks of each request id; returns the whole message once complete."""
+    """Collects the chunks of each request id; returns the whole message once complete.
 
-    def __init__(self) -> None:
-        self._tensors = Reassembler(MAX_PENDING_BYTES, MAX_PENDING_REQUESTS)
+    ``max_tensor_bytes`` is the receiver's tensor limit (the worker's --max-tensor-mb): a chunk 0 that
+    declares more is refused before anything is buffered.
+    """
+
+    def __init__(self, max_tensor_bytes: int | None = None, max_pending_bytes: int = MAX_PENDING_BYTES) -> None:
+        self._tensors = Reassembler(max_pending_bytes, MAX_PENDING_REQUESTS, max_tensor_bytes)
         self._heads: dict[str, M] = {}
 
     def add(self, msg: M) -> M | None:

@@ -92,15 +92,15 @@ def test_count_mismatch_is_rejected() -> None:
 
 
 def test_byte_bound_is_enforced_with_numbers() -> None:
+    """The declared size is reserved at chunk 0: a tensor that cannot fit is refused before any buffering."""
     _, msg = _big()
     chunks = chunking.split(msg, 10_000)
-    r = chunking.Reassembler(max_pending_bytes=25_000, max_pending_requests=4)
-    r.add("req", chunks[0])
-    r.add("req", chunks[1])
-    assert r.pending_bytes == 20_000
-    with pytest.raises(ResourceExhausted, match="from 20000 to 30000, over the limit of 25000"):
-        r.add("req", chunks[2])
-    assert r.pending_bytes == 0
+    r = chunking.Reassembler(max_pending_bytes=60_000, max_pending_requests=4)
+    r.add("a", chunks[0])
+    assert r.pending_bytes == 40_000
+    with pytest.raises(ResourceExhausted, match="from 40000 to 80000, over the limit of 60000"):
+        r.add("b", chunks[0])
+    assert r.pending_bytes == 40_000 and r.pending_requests == 1
 
 
 def test_request_bound_and_discard() -> None:
@@ -111,13 +111,47 @@ def test_request_bound_and_discard() -> None:
     r.add("b", first)
     with pytest.raises(ResourceExhausted, match=r"2 chunked tensors already pending \(limit 2\)"):
         r.add("c", first)
-    assert r.pending_requests == 2 and r.pending_bytes == 20_000
+    assert r.pending_requests == 2 and r.pending_bytes == 80_000
     r.discard("a")
     r.discard("missing")
-    assert r.pending_bytes == 10_000
+    assert r.pending_bytes == 40_000
     assert r.add("c", first) is None
 
 
 def test_split_rejects_nonpositive_chunk() -> None:
     with pytest.raises(ValueError):
         chunking.split(codec.encode(torch.randn(2)), 0)
+
+
+def _bomb(declared_numel: int, chunk_count: int, chunk_data: bytes) -> tensor_pb2.Tensor:
+    return tensor_pb2.Tensor(
+        dtype=tensor_pb2.DTYPE_FLOAT32, shape=[declared_numel], data=chunk_data, chunk_count=chunk_count, chunk_index=0
+    )
+
+
+def test_chunk_bomb_is_refused_at_chunk_zero() -> None:
+    """Issue 15: chunk 0 declares a 3 KB tensor with chunk_count=701 (and 1 MiB chunks follow)."""
+    r = chunking.Reassembler(max_pending_bytes=1 << 30, max_pending_requests=4, max_tensor_bytes=256 << 20)
+    with pytest.raises(InvalidArgument, match=r"declares shape \[768\] \(3072 bytes\) in chunk_count=701 chunks"):
+        r.add("bomb", _bomb(768, 701, bytes(1 << 20)))
+    with pytest.raises(InvalidArgument, match="chunk_count must be 768"):
+        r.add("bomb", _bomb(768, 701, bytes(4)))
+    assert r.pending_bytes == 0 and r.pending_requests == 0
+
+
+def test_declared_tensor_over_the_limit_is_refused_naming_it() -> None:
+    r = chunking.Reassembler(max_pending_bytes=1 << 30, max_pending_requests=4, max_tensor_bytes=1 << 20)
+    with pytest.raises(InvalidArgument, match="exceeds the limit of 1048576 bytes.*--max-tensor-mb"):
+        r.add("big", _bomb(1 << 20, 4, bytes(1 << 20)))
+    assert r.pending_bytes == 0
+
+
+def test_chunks_cannot_carry_more_than_declared() -> None:
+    _, msg = _big()
+    chunks = chunking.split(msg, 10_000)
+    r = chunking.Reassembler(max_pending_bytes=1 << 20, max_pending_requests=4)
+    r.add("req", chunks[0])
+    chunks[1].data = bytes(20_000)
+    with pytest.raises(InvalidArgument, match="chunk 1 of 4 carries 20000 bytes.*needs 10000"):
+        r.add("req", chunks[1])
+    assert r.pending_bytes == 0 and r.pending_requests == 0
