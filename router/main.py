@@ -13,6 +13,7 @@ from services.discovery.base import Discovery
 from services.discovery.url import build_discovery, parse_discovery
 from services.gen.shardmesh.v1 import router_pb2, router_pb2_grpc
 from services.lifecycle import ServerLifecycle
+from services.transport.raw import add_parsing_servicer
 from services.memory import limit_malloc_arenas
 from services.telemetry import setup_logging, start_metrics
 from services.wire import codec
@@ -90,7 +91,11 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None) -> int
         tokenizer_model=config.model,
         generation=GenerationService(topology, pool, pipeline, config.max_attempts),
     )
-    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core, config.max_inflight), lifecycle.server)
+    # Infer/InferStream parse in the handler: a corrupt message is INVALID_ARGUMENT, not gRPC's UNKNOWN.
+    add_parsing_servicer(
+        router_pb2_grpc.add_RouterServicer_to_server, RouterServicer(core, config.max_inflight), lifecycle.server,
+        {"Infer": router_pb2.InferRequest, "InferStream": router_pb2.InferRequest},
+    )
     await lifecycle.start(config.listen)
     if config.health_listen:
         await lifecycle.start_health_listener(config.health_listen)

@@ -8,6 +8,7 @@ import grpc
 
 from services.errors import grpc_errors, grpc_stream_errors, status_of
 from services.gen.shardmesh.v1 import router_pb2, router_pb2_grpc, tensor_pb2
+from services.transport.raw import parser
 from services.transport.stream_server import StreamHandlers, serve_multiplexed
 from router.core import RouterCore
 
@@ -39,7 +40,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 ),
             )
 
-        await serve_multiplexed(context, StreamHandlers(handle, on_error), self._max_stream_pending)
+        # Registered with raw bytes (router/main.py): a corrupt message is answered in-band, the stream goes on.
+        handlers = StreamHandlers(handle, on_error, parse=parser(router_pb2.InferRequest), empty=router_pb2.InferRequest)
+        await serve_multiplexed(context, handlers, self._max_stream_pending)
 
     @grpc_errors
     async def Topology(self, request: router_pb2.TopologyRequest, context: grpc.aio.ServicerContext) -> router_pb2.TopologyResponse:

@@ -9,7 +9,7 @@ import logging
 import torch
 
 from services.config import WorkerConfig
-from services.gen.shardmesh.v1 import worker_pb2, worker_pb2_grpc
+from services.gen.shardmesh.v1 import worker_pb2
 from services.lifecycle import ServerLifecycle
 from services.memory import limit_malloc_arenas
 from services.models.registry import load_stage, resolve_model
@@ -19,7 +19,7 @@ from shard_worker.core import WorkerCore
 from shard_worker.engine import StageEngine
 from shard_worker.presence import ConsulPresence
 from shard_worker.relay import Relay
-from shard_worker.servicer import ShardWorkerServicer
+from shard_worker.servicer import ShardWorkerServicer, add_to_server
 from shard_worker.sessions import SessionService, stop_task
 from services.transport.pool import PeerPool
 
@@ -39,7 +39,7 @@ async def serve(config: WorkerConfig) -> int:
     # Headroom above --max-inflight for health checks, Describe and long-lived streams.
     lifecycle = ServerLifecycle("worker", [SERVICE_NAME], config.tls, max_concurrent_rpcs=config.max_inflight + RPC_HEADROOM)
     servicer = ShardWorkerServicer(config.max_inflight)
-    worker_pb2_grpc.add_ShardWorkerServicer_to_server(servicer, lifecycle.server)
+    add_to_server(servicer, lifecycle.server)  # Forward/ForwardStream parse in the handler (corrupt -> INVALID_ARGUMENT)
     lifecycle.install_signal_handlers()
     address = await lifecycle.start(config.listen, config.advertise)
     if config.health_listen:
