@@ -57,6 +57,15 @@ def consul_is_emulator(_consul_backend: tuple[ConsulAddress, EmulatorControl | N
 
 
 @pytest.fixture
+def consul_control(_consul_backend: tuple[ConsulAddress, EmulatorControl | None]) -> Iterator[EmulatorControl | None]:
+    """The emulator's controls, or None against a real agent (for tests that run on both)."""
+    control = _consul_backend[1]
+    yield control
+    if control is not None:
+        control.resume()
+
+
+@pytest.fixture
 def consul_emulator(_consul_backend: tuple[ConsulAddress, EmulatorControl | None]) -> Iterator[EmulatorControl]:
     """Fault controls (pause, index restore); skips against a real agent. Resumes after the test."""
     control = _consul_backend[1]

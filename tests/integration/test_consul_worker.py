@@ -15,6 +15,8 @@ from services.client import RouterClient
 from services.discovery.registration import parse_worker_meta
 from services.layers import LayerSpan
 from services.models.registry import resolve_model
+from shard_worker.presence import RESYNC_S, TTL_S
+from tests.consul_emulator.process import EmulatorControl
 from tests.procs import mesh_up, start_worker, wait_serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.consul]
@@ -36,12 +38,19 @@ def _wait(probe: Callable[[], Any], accept: Callable[[Any], bool], timeout_s: fl
         time.sleep(0.1)
 
 
+def _put(addr: str, path: str) -> None:
+    request = urllib.request.Request(f"http://{addr}{path}", method="PUT", data=b"")
+    with urllib.request.urlopen(request, timeout=5):
+        pass
+
+
 def _passing(addr: str, service: str) -> list[dict[str, Any]]:
     return _get(addr, f"/v1/health/service/{service}?passing=true")
 
 
 @pytest.mark.parametrize("check", ["grpc", "ttl"])
-def test_registration_health_deregistration_and_restart(consul_addr: str, consul_service_name: str, check: str) -> None:
+def test_registration_health_deregistration_and_restart(consul_addr: str, consul_service_name: str, check: str,
+                                                        consul_control: EmulatorControl | None) -> None:
     args = ["--consul", consul_addr, "--consul-service", consul_service_name, "--consul-check", check, "--worker-id", "reg-w0"]
     proc, address = start_worker("minilm", "0:3", *args)
     wait_serving(address)
@@ -55,6 +64,20 @@ def test_registration_health_deregistration_and_restart(consul_addr: str, consul
     ours = [c for c in checks.values() if c["ServiceID"] == "reg-w0"]
     assert len(ours) == 1 and ours[0]["CheckID"] == "reg-w0:health" and ours[0]["Status"] == "passing"
     assert ours[0]["Type"] == ("grpc" if check == "grpc" else "ttl")
+
+    # The agent forgets it (restarted without its data; a real agent: an operator deregisters it): the worker
+    # notices within RESYNC_S (gRPC check) or a heartbeat, TTL / 3 (TTL check), and registers again.
+    started = time.monotonic()
+    if consul_control is not None:
+        assert "reg-w0" in consul_control.forget()
+    else:
+        _put(consul_addr, "/v1/agent/service/deregister/reg-w0")
+    assert "reg-w0" not in _get(consul_addr, "/v1/agent/services")
+    resync_s = RESYNC_S if check == "grpc" else TTL_S / 3
+    _wait(lambda: _passing(consul_addr, consul_service_name), lambda e: len(e) == 1, resync_s + 10, "re-registration")
+    back_s = time.monotonic() - started
+    assert back_s < resync_s + 5.0, f"back in the catalog after {back_s:.1f}s"
+    assert any("registering" in line and "again" in line for line in proc.stderr), proc.stderr[-5:]
 
     assert proc.stop(signal.SIGTERM) == 0
     assert "reg-w0" not in _get(consul_addr, "/v1/agent/services"), "not deregistered on SIGTERM"
