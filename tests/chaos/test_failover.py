@@ -90,6 +90,21 @@ async def test_no_request_lost(mesh_factory, references, mode: str, fault: str) 
     verdict = check_history(history, references, fault_at=record.at, faulty_workers=frozenset({victim}))
     assert verdict.ok, verdict.problems
     assert verdict.requests == 100
+    # The fault must have hit the load: requests in flight at the moment of injection ...
+    in_flight = [op for op in history if op.started <= record.at <= op.finished]
+    assert in_flight, "no request was in flight when the fault was injected: nothing was tested"
+    # ... and the claimed failover must have happened.
+    failed_over = [op for op in history if op.attempts > 1]
+    window_end = record.recovered_at if record.recovered_at is not None else record.at + 2.0
+    in_window = [op for op in history if record.at <= op.started <= window_end]
+    if fault in ("kill", "hang"):
+        # A dead or stopped replica answers nothing: whatever the router sent it next had to be retried elsewhere.
+        assert failed_over, f"no request needed a failover after {fault} of {victim}"
+    else:
+        # A restart drains first, so a retry is not required; but requests must have been sent while the victim
+        # was away, and served by its twin (checked lost-free above).
+        assert in_window, "no request was sent while the worker restarted"
+        assert failed_over or any(victim not in op.route for op in in_window), [op.route for op in in_window]
     if fault in ("kill", "hang"):
         # The dead or hung instance leaves the routing table (Consul's check, or ejection by the router).
         async with AsyncRouterClient(mesh.router_address) as client:
