@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Iterable
 
@@ -23,6 +24,26 @@ from services.net import SERVER_OPTIONS, TlsFiles, join_host_port, split_host_po
 log = logging.getLogger(__name__)
 
 LISTENING_PREFIX = "shardmesh-listening"
+
+
+def primary_host(wildcard: str) -> str:
+    """The address other hosts most likely reach this one by, for a wildcard bind without ``--advertise``:
+    the source address of the default route (found by a UDP ``connect``, which sends nothing); loopback
+    when there is no route. Peers dial what a worker advertises (Consul registration, Describe)."""
+    families = [(socket.AF_INET6, "2001:db8::1", "::1")] if wildcard == "::" else []
+    families.append((socket.AF_INET, "192.0.2.1", "127.0.0.1"))
+    for family, probe, _ in families:
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.connect((probe, 9))
+                host = str(sock.getsockname()[0])
+        except OSError:
+            continue
+        if host and not host.startswith(("127.", "::1")):
+            return host
+    fallback = families[0][2]
+    log.warning("no route off this host; advertising %s: set --advertise HOST:PORT for peers on other hosts", fallback)
+    return fallback
 
 
 class ServerLifecycle:
@@ -70,7 +91,7 @@ class ServerLifecycle:
             raise ConfigError(f"cannot listen on {bind}: the port is busy or the address is not local")
         await self.set_serving(False)
         await self.server.start()
-        self.address = advertise or join_host_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, bound)
+        self.address = advertise or join_host_port(primary_host(host) if host in ("0.0.0.0", "::") else host, bound)
         print(f"{LISTENING_PREFIX} component={self.component} address={self.address}", flush=True)
         sys.stdout.flush()
         return self.address
