@@ -3,6 +3,9 @@
 Transport-free apart from the protobuf types: the servicer (unary and stream) and, later, the relay
 path call :meth:`WorkerCore.forward`.
 
+Drain (SIGTERM): :meth:`WorkerCore.drain` waits for every call in :meth:`WorkerCore.forward`, which
+includes a relay's wait for its downstream, not only for computes, and lets open sessions finish.
+
 Shared memory: an output segment belongs to this worker until a receiver claims it. If the request
 goes away first (caller cancelled, deadline, relay failure) while the compute thread is still
 packing, :class:`OutputHandoff` frees the segment whichever side finishes last, so nothing leaks.
@@ -10,6 +13,7 @@ packing, :class:`OutputHandoff` frees the segment whichever side finishes last, 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -26,6 +30,7 @@ from shard_worker.relay import Relay
 from shard_worker.sessions import SessionService
 
 VERSION = "0.1.0"
+DRAIN_POLL_S = 0.05
 
 
 class OutputHandoff:
@@ -107,6 +112,24 @@ class WorkerCore:
             raise
         finally:
             self.active -= 1
+
+    async def drain(self, grace_s: float) -> bool:
+        """Refuses new work and waits, within ``grace_s``, for all of it: computes, requests waiting on their
+        downstream hop (relay), and open generation sessions (their steps still run; new sessions are refused).
+
+        Returns whether everything finished in time. Call after routers were told to stop sending here.
+        """
+        deadline = time.monotonic() + grace_s
+        if self.sessions is not None:
+            self.sessions.begin_drain()
+        await self.engine.drain(grace_s)  # refuses new stateless work from now on
+        if self.sessions is not None and not await self.sessions.wait_closed(max(0.0, deadline - time.monotonic())):
+            return False
+        while self.active:  # relayed requests wait on their downstream after their compute finished
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(DRAIN_POLL_S)
+        return True
 
     async def _forward(
         self, request: worker_pb2.ForwardRequest, deadline: float | None, handoff: OutputHandoff
