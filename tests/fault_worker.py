@@ -57,6 +57,15 @@ def _break_forward() -> None:
     worker_main.load_stage = broken_load  # type: ignore[assignment]
 
 
+def start_fault_worker(fault: str, model: str, layers: str, *extra: str) -> tuple[Any, str]:
+    """Starts ``shardmesh worker`` with ``fault`` on a free loopback port (a tests.procs.Proc); returns it and its address."""
+    from tests.procs import Proc, fields
+
+    argv = [sys.executable, "-m", "tests.fault_worker", fault, "worker", "--model", model, "--layers", layers]
+    proc = Proc([*argv, "--listen", "127.0.0.1:0", *extra])
+    return proc, fields(proc.expect("shardmesh-listening"))["address"]
+
+
 def main(argv: list[str]) -> int:
     fault, rest = argv[0], argv[1:]
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `shardmesh worker` does, before torch loads

@@ -10,8 +10,6 @@ import os
 import random
 import signal
 import socket
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -22,7 +20,8 @@ import torch
 from services.client import AsyncRouterClient, RouterClient, build_generate_request, build_request
 from services.errors import AlreadyExists, DeadlineExceeded
 from services.gen.shardmesh.v1 import router_pb2, router_pb2_grpc
-from tests.procs import Proc, UpMesh, fields, mesh_up, start_router, start_worker, wait_serving
+from tests.fault_worker import start_fault_worker
+from tests.procs import UpMesh, mesh_up, start_router, start_worker, wait_serving
 
 pytestmark = [pytest.mark.integration]
 
@@ -185,16 +184,9 @@ def test_slow_hops_never_eject_the_only_replica_of_a_stage() -> None:
         assert _ejected(mesh.router) == []
 
 
-def _fault_worker(fault: str, model: str, layers: str, *extra: str) -> tuple[Proc, str]:
-    """A real worker process with one injected fault (see tests/fault_worker.py)."""
-    proc = Proc([sys.executable, "-m", "tests.fault_worker", fault, "worker", "--model", model, "--layers", layers,
-                 "--listen", "127.0.0.1:0", *extra])
-    return proc, fields(proc.expect("shardmesh-listening"))["address"]
-
-
 def test_a_replica_answering_internal_is_failed_over_and_ejected() -> None:
     """Issue 14 defect 4: INTERNAL from a worker is retried once on another replica and counts toward ejection."""
-    started = [start_worker(MODEL, "0:4", "--threads", "1"), _fault_worker("internal", MODEL, "0:4", "--threads", "1"),
+    started = [start_worker(MODEL, "0:4", "--threads", "1"), start_fault_worker("internal", MODEL, "0:4", "--threads", "1"),
                start_worker(MODEL, "4:8", "--threads", "1")]
     try:
         for _, address in started:

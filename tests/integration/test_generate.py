@@ -196,13 +196,10 @@ def _describe_sessions(addresses: dict[str, str]) -> dict[str, int]:
 def test_lost_and_refused_sessions_are_replayed_and_closed() -> None:
     """Issue 14 defect 6: a worker that lost the session (NOT_FOUND, as after a restart at the same address)
     or refuses a step's position gets the bounded replay, and the stale session on that live worker is closed."""
-    from tests.integration.test_failover_paths import _fault_worker
-    from tests.procs import start_router, start_worker, wait_serving
-
     started = {
         "w0": start_worker("tiny-llama", "0:2", "--no-batching", "--threads", "1"),
-        "w1": _fault_worker("lose-session:4", "tiny-llama", "2:4", "--no-batching", "--threads", "1"),
-        "w2": _fault_worker("shift-position:10", "tiny-llama", "4:6", "--no-batching", "--threads", "1"),
+        "w1": start_fault_worker("lose-session:4", "tiny-llama", "2:4", "--no-batching", "--threads", "1"),
+        "w2": start_fault_worker("shift-position:10", "tiny-llama", "4:6", "--no-batching", "--threads", "1"),
     }
     addresses = {name: address for name, (_, address) in started.items()}
     try:
