@@ -399,8 +399,7 @@ class ConsulEmulator:
             headers["X-Consul-Query-Backend"] = backend
         if filtered:
             headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
-        if self.acl.enabled:
-            headers["X-Consul-Default-ACL-Policy"] = self.acl.default_policy
+        headers["X-Consul-Default-ACL-Policy"] = self.acl.default_policy  # "allow" with ACLs off, as Consul sends
         return web.json_response(body, headers=headers)
 
     def _reap(self, service_id: str) -> None:

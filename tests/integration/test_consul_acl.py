@@ -262,3 +262,19 @@ async def test_an_unknown_token_makes_discovery_stale_with_the_reason(agent: Acl
         assert "CONSUL_HTTP_TOKEN" in snap.detail
     finally:
         await discovery.close()
+
+
+async def test_no_token_under_deny_is_called_out(agent: AclAgent, service: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Consul hides the filtered header from the anonymous token, so an empty list cannot be told from a
+    filtered one: the router says so once instead of silently trusting it."""
+    caplog.set_level(logging.WARNING, logger="services.discovery.consul")
+    writer = await agent.token(_writer_rules(service))
+    await _register_passing(agent, writer, service, f"{service}-a", 7306)
+    discovery = await _watch(agent, None, service)
+    try:
+        assert discovery.snapshot().endpoints == ()  # hidden, without the header
+        warnings = [r.getMessage() for r in caplog.records if "no token is set" in r.getMessage()]
+        assert len(warnings) == 1 and "default ACL policy is deny" in warnings[0] and "CONSUL_HTTP_TOKEN" in warnings[0]
+    finally:
+        await discovery.close()
