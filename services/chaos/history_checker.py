@@ -25,6 +25,9 @@ from services.chaos.history import Event, pairs
 from services.chaos.references import Oracle
 from services.chaos.scenario import CONSUL_FAULTS, WINDOWED, Expectations, FaultPlan
 
+# Faults whose mere presence on a request's path is the effect (latency, a drain): a route through them is a hit.
+ROUTE_IS_EVIDENCE = frozenset({"delay", "bandwidth", "slow", "restart"})
+SLOW_FACTOR, SLOW_MARGIN_MS = 2.0, 100.0  # otherwise a request "paid" for the fault if it took this much longer
 AVOID_AFTER_S = 2.0  # "within 2 s": the balancer's share is measured on requests sent this long after injection
 
 
@@ -208,7 +211,16 @@ def _fault_report(fault: FaultPlan, at: float, window_end: float, result: dict[s
     overlapping = [o for o in ops if o.start < window_end and o.stop > at]
 
     def shows_fault(o: Op) -> bool:
-        return consul or not o.ok or o.attempts > 1 or passes_through(o.route, fault.target, mode)
+        if consul or not o.ok or o.attempts > 1:
+            return True
+        if not passes_through(o.route, fault.target, mode):
+            return False
+        if fault.kind in ROUTE_IS_EVIDENCE:
+            return True
+        # An error, a hang, a cut link show on a request that went through the faulty place only if it paid
+        # for it (a request that passed at normal speed was not hit: e.g. an error share that never fired).
+        base = baseline.get(o.invoke.op)
+        return base is not None and o.latency_ms > SLOW_FACTOR * base + SLOW_MARGIN_MS
 
     hit = [o for o in overlapping if shows_fault(o)]
     failovers = [o for o in overlapping if o.ok and o.attempts > 1]

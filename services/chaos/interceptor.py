@@ -196,21 +196,37 @@ class _FaultyStreamContext:
     async def read(self) -> Any:
         while True:
             message = await self._context.read()
-            request_id = getattr(message, "request_id", None)
-            if message is grpc.aio.EOF or not request_id:
+            if message is grpc.aio.EOF:
                 return message
-            cancel = bool(getattr(message, "cancel", False))
-            if not cancel and _chunk_index(message) == 0:  # the first message of a request (or attempt)
+            parsed = self._parse(message)
+            request_id = getattr(parsed, "request_id", None)
+            if not request_id:
+                return message
+            cancel = bool(getattr(parsed, "cancel", False))
+            if not cancel and _chunk_index(parsed) == 0:  # the first message of a request (or attempt)
                 faulted = self._decide(request_id)
                 if faulted:
                     code = self._owner.control.current().abort_code or grpc.StatusCode.UNAVAILABLE
                     self._owner.stats[f"{self._method}:{code.name}"] += 1
                     with contextlib.suppress(Exception):
-                        await self.write(self._owner.stream_error(message, code, MESSAGE))  # type: ignore[misc]
+                        await self.write(self._owner.stream_error(parsed, code, MESSAGE))  # type: ignore[misc]
             else:
                 faulted = self._decided.get(request_id, False)
             if not faulted:
                 return message  # later chunks and cancels of a faulted request are swallowed
+
+    def _parse(self, message: Any) -> Any:
+        """Methods registered with raw bytes (services/transport/raw.py) read bytes: parse a copy to see the id;
+        a message that does not parse is left for the handler to answer."""
+        if not isinstance(message, (bytes, bytearray, memoryview)):
+            return message
+        parse = getattr(self._owner.stream_error, "parse", None)
+        if parse is None:
+            return None
+        try:
+            return parse(bytes(message))
+        except Exception:  # noqa: BLE001 - corrupt input is the handler's to report
+            return None
 
     def _decide(self, request_id: str) -> bool:
         settings = self._owner.control.current()
@@ -230,12 +246,24 @@ def _chunk_index(message: Any) -> int:
         return 0
 
 
+class WorkerStreamError:
+    """In-band error for the worker's ForwardStream, attributed to this worker as its own failures are;
+    ``parse`` reads the raw bytes that stream receives."""
+
+    def __init__(self, worker_id: str, address: str) -> None:
+        from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
+
+        self._worker_id, self._address = worker_id, address
+        self._tensor_pb2, self._worker_pb2 = tensor_pb2, worker_pb2
+
+    def parse(self, raw: bytes) -> Any:
+        return self._worker_pb2.ForwardRequest.FromString(raw)
+
+    def __call__(self, request: Any, code: grpc.StatusCode, message: str) -> Any:
+        error = self._tensor_pb2.Error(code=code.value[0], message=message, failed_worker_id=self._worker_id,
+                                       failed_address=self._address)
+        return self._worker_pb2.ForwardResponse(request_id=request.request_id, error=error)
+
+
 def worker_stream_error(worker_id: str, address: str) -> StreamError:
-    """In-band error for the worker's ForwardStream, attributed to this worker as its own failures are."""
-    from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
-
-    def build(request: Any, code: grpc.StatusCode, message: str) -> Any:
-        error = tensor_pb2.Error(code=code.value[0], message=message, failed_worker_id=worker_id, failed_address=address)
-        return worker_pb2.ForwardResponse(request_id=request.request_id, error=error)
-
-    return build
+    return WorkerStreamError(worker_id, address)

@@ -257,13 +257,15 @@ async def test_interceptor_aborts_unary_calls_and_answers_stream_requests_in_ban
         return request
 
     async def stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        while (request := await context.read()) is not grpc.aio.EOF:
+        # registered with raw bytes, as the worker's ForwardStream is (services/transport/raw.py)
+        while (raw := await context.read()) is not grpc.aio.EOF:
+            request = worker_pb2.ForwardRequest.FromString(raw)
             await context.write(worker_pb2.ForwardResponse(request_id=request.request_id))
 
     handler = grpc.method_handlers_generic_handler("test.Svc", {
         "Ping": grpc.unary_unary_rpc_method_handler(ping),
         "ForwardStream": grpc.stream_stream_rpc_method_handler(
-            stream, worker_pb2.ForwardRequest.FromString, worker_pb2.ForwardResponse.SerializeToString),
+            stream, None, worker_pb2.ForwardResponse.SerializeToString),
     })
     server = grpc.aio.server(interceptors=[interceptor])
     server.add_generic_rpc_handlers((handler,))
@@ -304,3 +306,14 @@ def test_a_pair_fault_counts_only_requests_over_that_link() -> None:
     assert passes_through(("w0r0", "w1r0"), ("router", "w1r0"), "direct")
     assert not passes_through(("w0r0", "w1r0"), ("router", "w1r0"), "relay")  # in relay the router dials stage 0 only
     assert passes_through(("w0r1", "w1r0"), ("w1r0",), "relay")
+
+
+def test_an_error_fault_that_never_fired_is_not_a_hit() -> None:
+    error = FaultPlan("error", ("w0r0",), at_s=1.0, duration_s=1.0, params={"code": "INTERNAL", "percent": 50})
+    events = [Event("info", 1.0, "fault", error.label, status="start"), Event("info", 2.0, "fault", error.label, status="end"),
+              *_infer("r0", 0.1, 0.2), *_infer("r1", 1.2, 1.3, route=("w0r0", "w1r0")), *_infer("r2", 1.4, 1.5, route=("w0r0", "w1r1"))]
+    verdict = check(events, ORACLE, [error], Expectations())
+    assert verdict.faults[0].hit == 0 and any("hit no request" in p for p in verdict.problems)
+    # the same requests answered after a retry elsewhere show the fault
+    events[-1:] = [Event("ok", 1.5, "infer", "r2", 0, "a", route=("w0r1", "w1r1"), attempts=2, digest="good")]
+    assert check(events, ORACLE, [error], Expectations()).passed
