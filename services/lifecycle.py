@@ -19,11 +19,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.errors import ConfigError
+from services.transport.admission import AdmissionInterceptor
 from services.net import SERVER_OPTIONS, TlsFiles, join_host_port, split_host_port
 
 log = logging.getLogger(__name__)
 
 LISTENING_PREFIX = "shardmesh-listening"
+DEFAULT_MAX_STREAMS = 256  # long-lived streams (ForwardStream, InferStream, Generate) open at once
+PROBE_HEADROOM = 64  # in gRPC's outer cap, for health checks and Describe beyond calls and streams
 
 
 def primary_host(wildcard: str) -> str:
@@ -55,6 +58,7 @@ class ServerLifecycle:
         service_names: Iterable[str],
         tls: TlsFiles | None = None,
         max_concurrent_rpcs: int | None = None,
+        max_streams: int = DEFAULT_MAX_STREAMS,
     ) -> None:
         self.component = component
         # Beyond this many concurrent RPCs gRPC answers RESOURCE_EXHAUSTED before a handler runs, so a flood of
@@ -64,7 +68,17 @@ class ServerLifecycle:
         options = SERVER_OPTIONS if max_concurrent_rpcs is None else (
             *SERVER_OPTIONS, ("grpc.max_concurrent_streams", max_concurrent_rpcs)
         )
-        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
+        # Short calls and long-lived streams are admitted separately (services/transport/admission.py), and
+        # health, reflection and Describe never: idle streams cannot starve probes. gRPC's own cap stays as an
+        # outer bound on everything at once.
+        outer_cap = None
+        interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()
+        if max_concurrent_rpcs is not None:
+            interceptors = (AdmissionInterceptor(max_concurrent_rpcs, max_streams),)
+            outer_cap = max_concurrent_rpcs + max_streams + PROBE_HEADROOM
+        self.server = grpc.aio.server(
+            options=options, maximum_concurrent_rpcs=outer_cap, interceptors=interceptors or None
+        )
         self.health = health.aio.HealthServicer()
         self._service_names = tuple(service_names)
         self._tls = tls
