@@ -8,15 +8,21 @@ import contextlib
 import logging
 import time
 
+import grpc
+
 from services.config import RouterConfig
 from services.discovery.base import Discovery
 from services.discovery.url import build_discovery, parse_discovery
 from services.gen.shardmesh.v1 import router_pb2, router_pb2_grpc
 from services.lifecycle import ServerLifecycle
 from services.transport.raw import add_parsing_servicer
+from services.net import max_request_bytes
+from services.security.client_auth import CURRENT_TENANT, build_client_auth
+from services.security.mesh_auth import mesh_call_metadata
 from services.memory import limit_malloc_arenas
 from services.telemetry import setup_logging, start_metrics
-from services.wire import codec
+from services.security.mesh_key import load_mesh_key
+from services.wire import codec, shm
 from router.core import RouterCore
 from router.generation import GenerationService
 from router.peers import WorkerPool
@@ -30,6 +36,9 @@ from router.topology import Topology
 log = logging.getLogger("shardmesh.router")
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+ROUTER_METHODS = tuple(m.name for m in router_pb2.DESCRIPTOR.services_by_name["Router"].methods)
+# Concurrent RPCs beyond --max-inflight: health checks, Topology and long-lived streams.
+RPC_HEADROOM = 32
 PROBE_INTERVAL_S = 0.5
 PROBE_TIMEOUT_S = 0.5
 
@@ -51,10 +60,28 @@ async def probe_ejected(outliers: OutlierDetector, topology: Topology, pool: Wor
                 outliers.record_probe_failure(worker_id, time.monotonic())
 
 
-async def serve(config: RouterConfig, discovery: Discovery | None = None) -> int:
-    lifecycle = ServerLifecycle("router", [SERVICE_NAME], config.tls)
+async def serve(config: RouterConfig, discovery: Discovery | None = None, fault_injection: str | None = None) -> int:
+    mesh_key = load_mesh_key(config.mesh_key_file, config.env)  # a bad key file fails before the port is taken
+    if config.use_shm:
+        shm.sweep_dead()  # segments of routers and workers that died on this host (e.g. SIGKILL)
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    auth = build_client_auth(
+        config.auth_tokens_file, config.tls.verifies_clients, config.rate_limit_rps, ROUTER_METHODS
+    )
+    if auth is not None:  # first: nothing else runs for a caller it refuses
+        interceptors.append(auth)
+    if fault_injection:  # chaos testing only (shardmesh chaos): injected errors, see services/chaos/interceptor.py
+        from services.chaos.interceptor import FaultInjectionInterceptor
+
+        interceptors.append(FaultInjectionInterceptor(fault_injection))
+    lifecycle = ServerLifecycle(
+        "router", [SERVICE_NAME], config.tls, interceptors=interceptors,
+        # calls and streams are admitted separately (health never refused): at most --max-inflight streams
+        max_concurrent_rpcs=config.max_inflight + RPC_HEADROOM, max_streams=config.max_inflight,
+        max_receive_bytes=max_request_bytes(config.max_tensor_bytes, config.max_text_bytes),
+    )
     lifecycle.install_signal_handlers()
-    pool = WorkerPool(config.tls if config.tls.enabled else None)
+    pool = WorkerPool(config.tls if config.tls.enabled else None, metadata=mesh_call_metadata(mesh_key))
     discovery = discovery or build_discovery(parse_discovery(config.discovery, config.env))
 
     async def on_change(complete: bool, joined: list[WorkerInfo]) -> None:
@@ -75,7 +102,7 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None) -> int
         pool,
         PipelineSettings(
             hop_timeout_s=config.hop_timeout_s, max_attempts=config.max_attempts, hedge_after_s=config.hedge_after_s,
-            use_shm=config.use_shm,
+            use_shm=config.use_shm, mesh_key=mesh_key,
             wire_dtype=codec.wire_dtype(codec.dtype_from_name(config.wire_dtype)) if config.wire_dtype != "float32" else 0,
         ),
         outliers,
@@ -91,9 +118,13 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None) -> int
         tokenizer_model=config.model,
         generation=GenerationService(topology, pool, pipeline, config.max_attempts),
     )
+    charge = (lambda: auth.charge(CURRENT_TENANT.get())) if auth is not None else None
+    servicer = RouterServicer(
+        core, config.max_inflight, max_text_bytes=config.max_text_bytes, charge_stream_request=charge
+    )
     # Infer/InferStream parse in the handler: a corrupt message is INVALID_ARGUMENT, not gRPC's UNKNOWN.
     add_parsing_servicer(
-        router_pb2_grpc.add_RouterServicer_to_server, RouterServicer(core, config.max_inflight), lifecycle.server,
+        router_pb2_grpc.add_RouterServicer_to_server, servicer, lifecycle.server,
         {"Infer": router_pb2.InferRequest, "InferStream": router_pb2.InferRequest},
     )
     await lifecycle.start(config.listen)
@@ -121,4 +152,4 @@ def run(args: argparse.Namespace) -> int:
     limit_malloc_arenas()
     config = RouterConfig.from_args(args)
     setup_logging(config.log_level, "router")
-    return asyncio.run(serve(config))
+    return asyncio.run(serve(config, fault_injection=getattr(args, "fault_injection", None)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -11,21 +11,46 @@ from services.gen.shardmesh.v1 import router_pb2, router_pb2_grpc, tensor_pb2
 from services.transport.raw import parser
 from services.transport.stream_server import StreamHandlers, serve_multiplexed
 from router.core import RouterCore
+from router.inputs import check_text_size
+
+DEFAULT_MAX_TEXT_BYTES = 1024 * 1024
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, core: RouterCore, max_stream_pending: int) -> None:
+    def __init__(
+        self,
+        core: RouterCore,
+        max_stream_pending: int,
+        *,
+        max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
+        charge_stream_request: Callable[[], None] | None = None,
+    ) -> None:
         self._core = core
         self._max_stream_pending = max_stream_pending
+        self._max_text_bytes = max_text_bytes
+        # Each request on an InferStream counts against the caller's rate limit, as a unary call does.
+        self._charge_stream_request = charge_stream_request
+
+    def _check_text(self, request: router_pb2.InferRequest | router_pb2.GenerateRequest) -> None:
+        if request.WhichOneof("input" if isinstance(request, router_pb2.InferRequest) else "prompt") == "text":
+            check_text_size(request.text, self._max_text_bytes)
+
+    def _admit_stream_request(self, request: router_pb2.InferRequest) -> None:
+        """Limits an InferStream request must pass before any work (raises: answered in-band)."""
+        if self._charge_stream_request is not None:
+            self._charge_stream_request()
+        self._check_text(request)
 
     @grpc_errors
     async def Infer(self, request: router_pb2.InferRequest, context: grpc.aio.ServicerContext) -> router_pb2.InferResponse:
+        self._check_text(request)
         return await self._core.infer(request, context.time_remaining())
 
     async def InferStream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         core = self._core
 
         async def handle(request: router_pb2.InferRequest) -> router_pb2.InferResponse:
+            self._admit_stream_request(request)
             return await core.infer(request, request.timeout_ms / 1000.0 if request.timeout_ms else None)
 
         def on_error(request: router_pb2.InferRequest, exc: BaseException) -> router_pb2.InferResponse:
@@ -52,5 +77,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Generate(  # type: ignore[override]
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateEvent]:
+        self._check_text(request)
         async for event in self._core.generate(request, context.time_remaining()):
             yield event

@@ -12,7 +12,7 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.errors import ConfigError
 from services.transport.admission import AdmissionInterceptor
-from services.net import SERVER_OPTIONS, TlsFiles, join_host_port, split_host_port
+from services.net import TlsFiles, join_host_port, server_options, split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class ServerLifecycle:
         service_names: Iterable[str],
         tls: TlsFiles | None = None,
         max_concurrent_rpcs: int | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        max_receive_bytes: int | None = None,
         max_streams: int = DEFAULT_MAX_STREAMS,
     ) -> None:
         self.component = component
@@ -65,19 +67,20 @@ class ServerLifecycle:
         # unary calls cannot queue unbounded request bodies in memory.
         # The same number caps HTTP/2 streams per connection, so a flooding client queues its calls locally
         # instead of pushing their bodies into this process.
-        options = SERVER_OPTIONS if max_concurrent_rpcs is None else (
-            *SERVER_OPTIONS, ("grpc.max_concurrent_streams", max_concurrent_rpcs)
+        # max_receive_bytes: larger messages are refused from their length prefix, before they are buffered.
+        base_options = server_options(max_receive_bytes)
+        options = base_options if max_concurrent_rpcs is None else (
+            *base_options, ("grpc.max_concurrent_streams", max_concurrent_rpcs)
         )
         # Short calls and long-lived streams are admitted separately (services/transport/admission.py), and
         # health, reflection and Describe never: idle streams cannot starve probes. gRPC's own cap stays as an
         # outer bound on everything at once.
         outer_cap = None
-        interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()
         if max_concurrent_rpcs is not None:
-            interceptors = (AdmissionInterceptor(max_concurrent_rpcs, max_streams),)
+            interceptors = (*interceptors, AdmissionInterceptor(max_concurrent_rpcs, max_streams))
             outer_cap = max_concurrent_rpcs + max_streams + PROBE_HEADROOM
         self.server = grpc.aio.server(
-            options=options, maximum_concurrent_rpcs=outer_cap, interceptors=interceptors or None
+            options=options, maximum_concurrent_rpcs=outer_cap, interceptors=tuple(interceptors) or None
         )
         self.health = health.aio.HealthServicer()
         self._service_names = tuple(service_names)

@@ -55,10 +55,10 @@ def server_options(max_receive_bytes: int | None = None) -> tuple[tuple[str, int
     )
 
 
-def max_request_bytes(max_payload_bytes: int) -> int:
-    """The receive limit that follows ``--max-tensor-mb``: one request's largest tensor (or text) plus
-    its envelope (an attention mask, ids, protobuf framing). Token-id tensors are far below the limit."""
-    return max_payload_bytes + MESSAGE_ENVELOPE_BYTES
+def max_request_bytes(max_tensor_bytes: int, other_bytes: int = 0) -> int:
+    """The receive limit that follows ``--max-tensor-mb``: a request carries at most two tensors (input and
+    attention mask, each within the limit), ``other_bytes`` of other payload (text) and its envelope."""
+    return 2 * max_tensor_bytes + other_bytes + MESSAGE_ENVELOPE_BYTES
 
 
 def split_host_port(address: str, *, what: str = "address") -> tuple[str, int]:
@@ -85,6 +85,11 @@ class TlsFiles:
     @property
     def enabled(self) -> bool:
         return self.cert is not None or self.ca is not None
+
+    @property
+    def verifies_clients(self) -> bool:
+        """A server with these files requires and verifies client certificates (mutual TLS)."""
+        return self.cert is not None and self.ca is not None
 
     @classmethod
     def from_flags(cls, cert: str | None, key: str | None, ca: str | None) -> TlsFiles:
