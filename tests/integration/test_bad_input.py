@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 
 import grpc
@@ -12,7 +13,7 @@ import torch
 from services.gen.shardmesh.v1 import router_pb2, router_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc
 from services.models.registry import resolve_model
 from services.wire import codec
-from tests.procs import UpMesh, mesh_up
+from tests.procs import UpMesh, mesh_up, worker_channel
 
 pytestmark = [pytest.mark.integration]
 
@@ -96,7 +97,7 @@ def test_router_rejects_bad_input_and_keeps_serving(mesh: UpMesh, request_factor
 
 
 def _worker_stub(mesh: UpMesh, name: str) -> tuple[grpc.Channel, worker_pb2_grpc.ShardWorkerStub]:
-    channel = grpc.insecure_channel(mesh.workers[name]["address"])
+    channel = worker_channel(mesh, name)  # a mesh member's channel: it carries the mesh token
     return channel, worker_pb2_grpc.ShardWorkerStub(channel)
 
 
@@ -133,7 +134,7 @@ def test_worker_rejects_bad_activations(mesh: UpMesh) -> None:
 async def test_stream_reports_errors_per_request_and_stays_open(mesh: UpMesh) -> None:
     hidden = resolve_model("minilm").hidden_size
     async with grpc.aio.insecure_channel(mesh.workers["w1"]["address"]) as channel:
-        call = worker_pb2_grpc.ShardWorkerStub(channel).ForwardStream()
+        call = worker_pb2_grpc.ShardWorkerStub(channel).ForwardStream(metadata=mesh.mesh_metadata)
         await call.write(worker_pb2.ForwardRequest(request_id="bad", input=codec.encode(torch.zeros(1, 4))))
         await call.write(worker_pb2.ForwardRequest(request_id="good", input=codec.encode(torch.zeros(1, 4, hidden))))
         await call.done_writing()
@@ -144,4 +145,80 @@ async def test_stream_reports_errors_per_request_and_stays_open(mesh: UpMesh) ->
     assert "rank 2" in replies["bad"].error.message and replies["bad"].error.failed_worker_id == "w1"
     assert not replies["good"].HasField("error") and list(replies["good"].output.shape) == [1, hidden]
     await asyncio.sleep(0)
+    _assert_good(mesh)
+
+
+def test_worker_rejects_hostile_shapes_and_reply_dtypes(mesh: UpMesh) -> None:
+    hidden = resolve_model("minilm").hidden_size
+    channel, stub = _worker_stub(mesh, "w0")  # layers 0:3: its output is an activation
+    with channel:
+        overflow = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT64, shape=[0, 2**62, hidden])
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Forward(worker_pb2.ForwardRequest(input=overflow), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "input: empty tensor of shape [0, 4611686018427387904, 384]" in err.value.details()
+        ids = codec.encode(torch.tensor([[101, 7592, 102]]))
+        for wire in (tensor_pb2.DTYPE_INT64, tensor_pb2.DTYPE_BOOL, tensor_pb2.DTYPE_UINT8, tensor_pb2.DTYPE_FLOAT64):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Forward(worker_pb2.ForwardRequest(input=ids, reply_dtype=wire), timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert f"reply_dtype: {tensor_pb2.DType.Name(wire)} is not an activation dtype" in err.value.details()
+        good = stub.Forward(worker_pb2.ForwardRequest(input=ids, reply_dtype=tensor_pb2.DTYPE_FLOAT16), timeout=10)
+        assert good.output.dtype == tensor_pb2.DTYPE_FLOAT16
+    _assert_good(mesh)
+
+
+def test_worker_refuses_hostile_shared_memory_handles(mesh: UpMesh) -> None:
+    """Issue 15: another request's segment, a FIFO, a directory, or an entry outside the private directory."""
+    import os
+
+    from services.wire import shm
+
+    if not shm.shm_available():
+        pytest.skip("no shared memory here")
+    hidden = resolve_model("minilm").hidden_size
+    x = torch.randn(1, 4, hidden)
+    channel, stub = _worker_stub(mesh, "w1")
+    with channel:
+        # Stealing: a segment made for request "owner" named by request "thief" is refused and left for its owner.
+        owner_input = tensor_pb2.Tensor()
+        name = shm.export_tensor(x, owner_input, request_id="owner")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Forward(worker_pb2.ForwardRequest(request_id="thief", input=owner_input), timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value.details()
+        assert "made for another request" in err.value.details()
+        assert (shm.SHM_DIR / name).exists()
+        owned = stub.Forward(worker_pb2.ForwardRequest(request_id="owner", input=owner_input), timeout=10)
+        expected = stub.Forward(worker_pb2.ForwardRequest(request_id="inline", input=codec.encode(x)), timeout=10)
+        assert owned.output.data == expected.output.data and not (shm.SHM_DIR / name).exists()
+
+        # A FIFO or a directory named like a segment: INVALID_ARGUMENT at once, never blocking, never deleted.
+        fifo, directory = shm.new_segment_name(), shm.new_segment_name()
+        os.mkfifo(shm.SHM_DIR / fifo)
+        (shm.SHM_DIR / directory).mkdir()
+        try:
+            for planted in (fifo, directory):
+                msg = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1, 4, hidden], shm_handle=planted)
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Forward(worker_pb2.ForwardRequest(request_id="r", input=msg), timeout=10)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+                assert "is not a regular file" in err.value.details()
+                assert os.path.lexists(shm.SHM_DIR / planted)
+        finally:
+            with contextlib.suppress(OSError):  # a worker blocked in open() on the FIFO gets its writer here
+                os.close(os.open(shm.SHM_DIR / fifo, os.O_WRONLY | os.O_NONBLOCK))
+            os.unlink(shm.SHM_DIR / fifo)
+            (shm.SHM_DIR / directory).rmdir()
+
+        # Entries outside the private directory (the old shared /dev/shm location) are out of reach.
+        outside = shm.SHM_ROOT / shm.new_segment_name()
+        outside.write_bytes(b"\0" * 16)
+        try:
+            msg = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1, 4, hidden], shm_handle=outside.name)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Forward(worker_pb2.ForwardRequest(request_id="r", input=msg), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "is gone" in err.value.details()
+            assert outside.exists()
+        finally:
+            outside.unlink()
     _assert_good(mesh)
