@@ -135,6 +135,18 @@ class HealthServer:
         return f"127.0.0.1:{self.port}"
 
 
+def wait_until(probe: Callable[[], T], accept: Callable[[T], bool], timeout_s: float, what: str) -> T:
+    """Blocking form of :func:`eventually` for synchronous tests (polls every 100 ms)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if accept(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last value: {value!r}")
+        time.sleep(0.1)
+
+
 async def eventually(probe: Callable[[], Awaitable[T] | T], accept: Callable[[T], bool], timeout_s: float = 10.0,
                      what: str = "condition") -> T:
     """Polls ``probe`` (sync or async) every 50 ms until ``accept`` holds; fails with the last value after

@@ -330,16 +330,11 @@ class ConsulRegistrar:
             await asyncio.sleep(period)
             try:
                 await self.resync()
-            except ConsulAclRefused as exc:
+            except (ConsulAclRefused, Unavailable) as exc:
                 self.heartbeat_errors += 1
-                if not failing:
-                    log.error("%s for %s refused: %s; retrying every %.1fs", what, self.service_id, exc, period)
-                failing = True
-                continue
-            except Unavailable as exc:
-                self.heartbeat_errors += 1
-                if not failing:
-                    log.warning("%s for %s failed (%s); retrying every %.1fs", what, self.service_id, exc, period)
+                if not failing:  # a refused token is a configuration error: said louder than an outage
+                    level = logging.ERROR if isinstance(exc, ConsulAclRefused) else logging.WARNING
+                    log.log(level, "%s for %s failed (%s); retrying every %.1fs", what, self.service_id, exc, period)
                 failing = True
                 continue
             if failing:

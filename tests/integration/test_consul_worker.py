@@ -6,7 +6,6 @@ import json
 import signal
 import time
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,6 +16,7 @@ from services.layers import LayerSpan
 from services.models.registry import resolve_model
 from shard_worker.presence import RESYNC_S, TTL_S
 from tests.consul_emulator.process import EmulatorControl
+from tests.consul_fixtures import wait_until
 from tests.procs import mesh_up, start_worker, wait_serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.consul]
@@ -25,17 +25,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.consul]
 def _get(addr: str, path: str) -> Any:
     with urllib.request.urlopen(f"http://{addr}{path}", timeout=5) as reply:
         return json.loads(reply.read())
-
-
-def _wait(probe: Callable[[], Any], accept: Callable[[Any], bool], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if accept(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last value: {value!r}")
-        time.sleep(0.1)
 
 
 def _put(addr: str, path: str) -> None:
@@ -54,7 +43,7 @@ def test_registration_health_deregistration_and_restart(consul_addr: str, consul
     args = ["--consul", consul_addr, "--consul-service", consul_service_name, "--consul-check", check, "--worker-id", "reg-w0"]
     proc, address = start_worker("minilm", "0:3", *args)
     wait_serving(address)
-    entries = _wait(lambda: _passing(consul_addr, consul_service_name), lambda e: len(e) == 1, 20, "a passing instance")
+    entries = wait_until(lambda: _passing(consul_addr, consul_service_name), lambda e: len(e) == 1, 20, "a passing instance")
     service = entries[0]["Service"]
     assert service["ID"] == "reg-w0" and f"{service['Address']}:{service['Port']}" == address
     meta = parse_worker_meta(service["Meta"])
@@ -74,7 +63,7 @@ def test_registration_health_deregistration_and_restart(consul_addr: str, consul
         _put(consul_addr, "/v1/agent/service/deregister/reg-w0")
     assert "reg-w0" not in _get(consul_addr, "/v1/agent/services")
     resync_s = RESYNC_S if check == "grpc" else TTL_S / 3
-    _wait(lambda: _passing(consul_addr, consul_service_name), lambda e: len(e) == 1, resync_s + 10, "re-registration")
+    wait_until(lambda: _passing(consul_addr, consul_service_name), lambda e: len(e) == 1, resync_s + 10, "re-registration")
     back_s = time.monotonic() - started
     assert back_s < resync_s + 5.0, f"back in the catalog after {back_s:.1f}s"
     assert any("registering" in line and "again" in line for line in proc.stderr), proc.stderr[-5:]
@@ -85,7 +74,7 @@ def test_registration_health_deregistration_and_restart(consul_addr: str, consul
     proc, address = start_worker("minilm", "0:3", *args)
     try:
         wait_serving(address)
-        entries = _wait(lambda: _passing(consul_addr, consul_service_name), lambda e: len(e) == 1, 20, "re-registration")
+        entries = wait_until(lambda: _passing(consul_addr, consul_service_name), lambda e: len(e) == 1, 20, "re-registration")
         assert f"{entries[0]['Service']['Address']}:{entries[0]['Service']['Port']}" == address
     finally:
         assert proc.stop() == 0
@@ -109,4 +98,4 @@ def test_router_follows_consul(consul_addr: str, consul_service_name: str) -> No
         os.kill(int(victim["pid"]), signal.SIGKILL)
         results = [client.infer(text=f"after kill {i}") for i in range(6)]
         assert all(r.route[0] == "w0r1" for r in results[1:])
-        _wait(lambda: {w.worker_id for w in client.topology().workers}, lambda ids: "w0r0" not in ids, 30, "the dead worker to leave the table")
+        wait_until(lambda: {w.worker_id for w in client.topology().workers}, lambda ids: "w0r0" not in ids, 30, "the dead worker to leave the table")

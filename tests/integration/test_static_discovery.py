@@ -6,13 +6,13 @@ from __future__ import annotations
 import signal
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
 from services.client import RouterClient
+from tests.consul_fixtures import wait_until
 from tests.procs import start_router, start_worker, wait_serving
 
 pytestmark = [pytest.mark.integration]
@@ -22,17 +22,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _wait(probe: Callable[[], Any], accept: Callable[[Any], bool], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if accept(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last value: {value!r}")
-        time.sleep(0.1)
 
 
 def _spans(client: RouterClient) -> dict[str, tuple[int, int]]:
@@ -50,7 +39,7 @@ def test_router_dials_the_static_address_not_the_advertised_one() -> None:
         wait_serving(address)
         router, router_address = start_router([address])
         with RouterClient(router_address) as client:
-            _wait(lambda: client.topology().complete, bool, 60, "a complete route")
+            wait_until(lambda: client.topology().complete, bool, 60, "a complete route")
             views = client.topology().workers
             assert [(w.worker_id, w.address) for w in views] == [("adv-w0", address)]
             result = client.infer(text="dial what you were given", timeout_s=30)
@@ -71,7 +60,7 @@ def test_worker_restarted_with_another_range_at_the_same_address_is_described_ag
         wait_serving(b)
         router, router_address = start_router([a, b])
         with RouterClient(router_address) as client:
-            _wait(lambda: client.topology().complete, bool, 60, "a complete route")
+            wait_until(lambda: client.topology().complete, bool, 60, "a complete route")
             assert _spans(client) == {a: (0, 3), b: (3, 6)}
             before = client.infer(text="same text, other layout", timeout_s=30)
 
@@ -84,9 +73,9 @@ def test_worker_restarted_with_another_range_at_the_same_address_is_described_ag
                 assert bound == address
                 wait_serving(address)
             started = time.monotonic()
-            _wait(lambda: _spans(client), lambda s: s == {a: (3, 6), b: (0, 3)}, 20, "the swapped ranges in the table")
+            wait_until(lambda: _spans(client), lambda s: s == {a: (3, 6), b: (0, 3)}, 20, "the swapped ranges in the table")
             noticed_s = time.monotonic() - started
-            after = _wait(lambda: _try_infer(client), lambda r: r is not None, 10, "an answer over the new layout")
+            after = wait_until(lambda: _try_infer(client), lambda r: r is not None, 10, "an answer over the new layout")
             assert torch.equal(after.output, before.output)
             assert [addr for addr in (b, a)] == [_address_of(client, wid) for wid in after.route]
             assert noticed_s < 10, f"the router took {noticed_s:.1f}s to notice the new ranges"
