@@ -67,3 +67,16 @@ def test_negative_dimension_and_rank_checks() -> None:
 def test_shared_memory_handle_refused_on_byte_path() -> None:
     with pytest.raises(InvalidArgument, match="shared-memory"):
         codec.decode(tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1], shm_handle="x"))
+
+
+@pytest.mark.parametrize("shape", [[0, 2**62, 384], [2**62, 0], [0, 2**31, 2**31, 2**31], [1, 0, 2**40]])
+def test_empty_shapes_with_absurd_dimensions_are_invalid_argument(shape: list[int]) -> None:
+    """Issue 15: such shapes hold no bytes, but torch's strides overflow (INTERNAL) if they reach torch.empty."""
+    msg = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=shape)
+    with pytest.raises(InvalidArgument, match=r"input: empty tensor of shape .* has a dimension no tensor within the limit"):
+        codec.decode(msg, field="input")
+
+
+def test_empty_shapes_within_the_limit_still_decode() -> None:
+    out = codec.decode(tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[0, 1024, 384]), field="input")
+    assert out.shape == (0, 1024, 384)
