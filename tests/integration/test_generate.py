@@ -18,7 +18,8 @@ from services.errors import ResourceExhausted
 from services.gen.shardmesh.v1 import worker_pb2, worker_pb2_grpc
 from services.models.registry import resolve_model
 from services.wire import codec
-from tests.procs import UpMesh, describe_all, mesh_up, worker_channel
+from tests.fault_worker import start_fault_worker
+from tests.procs import UpMesh, describe_all, mesh_up, start_router, start_worker, wait_serving, worker_channel
 
 pytestmark = [pytest.mark.integration]
 
