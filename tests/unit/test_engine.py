@@ -93,18 +93,25 @@ def test_checkpoint_raises_only_inside_an_interrupted_compute() -> None:
     assert info.value.failed_worker_id == "w-test"
 
 
+def _long_forward(layers_run: list[int]):  # type: ignore[no-untyped-def]
+    """400 "layers" of ~10 ms each (4 s if nothing stops it), checking for a stop before each, as stages do."""
+
+    def forward() -> None:
+        for layer in range(400):
+            checkpoint()
+            layers_run.append(layer)
+            time.sleep(0.01)
+
+    return forward
+
+
 async def test_a_cancelled_compute_stops_between_layers_and_frees_its_slot(stage: Any) -> None:
     """A long forward (many layers' worth of work) whose caller is cancelled stops within about one layer,
     and only then gives its slot back; the request queued behind it then runs at once."""
     engine = StageEngine(stage, "w-test", max_inflight=2)
     layers_run: list[int] = []
 
-    def long_forward() -> None:
-        for layer in range(400):  # 400 "layers" of ~10 ms: 4 s if nothing stops it
-            checkpoint()
-            layers_run.append(layer)
-            time.sleep(0.01)
-
+    long_forward = _long_forward(layers_run)
     big = asyncio.create_task(engine.run(long_forward, None))
     while len(layers_run) < 5:
         await asyncio.sleep(0.01)
@@ -127,12 +134,7 @@ async def test_a_deadline_passing_mid_compute_stops_it(stage: Any) -> None:
     engine = StageEngine(stage, "w-test", max_inflight=2)
     layers_run: list[int] = []
 
-    def long_forward() -> None:
-        for layer in range(400):
-            checkpoint()
-            layers_run.append(layer)
-            time.sleep(0.01)
-
+    long_forward = _long_forward(layers_run)
     started = time.monotonic()
     with pytest.raises(DeadlineExceeded, match="deadline exceeded during compute at hop w-test"):
         await engine.run(long_forward, time.monotonic() + 0.3)
