@@ -12,10 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.client import RouterClient
-from services.errors import Unavailable
+from services.errors import PermissionDenied, Unavailable
 from tests.procs import start_router, start_worker
 
 pytestmark = [pytest.mark.integration]
@@ -85,6 +86,15 @@ def test_mutual_tls_end_to_end_and_plaintext_health(pki: Path) -> None:
         # Plaintext to the TLS port fails too.
         with RouterClient(router_addr) as client, pytest.raises(Unavailable):
             client.infer(tokens=[1, 2, 3], timeout_s=5)
+        assert router.stop() == 0
+        # The certificate's CN is the tenant: the tokens file's tenant settings apply to it.
+        tokens = pki / "tokens.yaml"
+        tokens.write_text(yaml.safe_dump({"tokens": {"t" * 32: "someone"}, "tenants": {"client": {"methods": ["Topology"]}}}))
+        router, router_addr = start_router([worker_addr], *tls, "--auth-tokens-file", str(tokens))
+        with RouterClient(router_addr, **client_tls) as client:
+            assert _until(lambda: client.topology(timeout_s=10)).complete
+            with pytest.raises(PermissionDenied, match="tenant 'client' may not call Infer"):
+                client.infer(tokens=[1, 2, 3], timeout_s=10)
     finally:
         if router is not None:
             assert router.stop() == 0
