@@ -96,25 +96,24 @@ async def serve_multiplexed(
             free[0] -= 1
             task = asyncio.create_task(run_one(request))
             tasks[request.request_id] = task
-            task.add_done_callback(lambda t, rid=request.request_id: finished(rid, t))
+            task.add_done_callback(lambda t, req=request: finished(req, t))
 
     def give_back_slot() -> None:
         free[0] += 1
         admit()
         progress.set()
 
-    def finished(request_id: str, task: asyncio.Task[None]) -> None:
-        if tasks.get(request_id) is task:
-            del tasks[request_id]
+    def finished(request: Req, task: asyncio.Task[None]) -> None:
+        if tasks.get(request.request_id) is task:
+            del tasks[request.request_id]
+        if task.cancelled():  # before or while handling (perhaps before it even started): no answer
+            handlers.release_request(request)  # its input may never have been read (a no-op once consumed)
+            give_back_slot()
         progress.set()
 
     async def run_one(request: Req) -> None:
         try:
             response = await handlers.handle(request)
-        except asyncio.CancelledError:
-            handlers.release_request(request)  # may never have been read (a no-op once consumed)
-            give_back_slot()
-            return
         except Exception as exc:  # noqa: BLE001 - each request's failure is reported on the stream
             response = handlers.on_error(request, exc)
         try:

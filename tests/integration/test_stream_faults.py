@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from services.errors import DeadlineExceeded, ShardmeshError
-from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
+from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
 from services.net import CHANNEL_OPTIONS
 from services.transport.stream_client import ForwardStreamClient
-from services.wire import codec
+from services.wire import codec, placement, shm
 from tests.procs import Proc, mesh_up, start_worker, wait_serving
 
 pytestmark = [pytest.mark.integration]
@@ -130,3 +130,59 @@ async def test_hedging_at_one_ms_loses_nothing_and_never_answers_internal() -> N
             for batch in range(4):
                 await asyncio.gather(*(one(batch * 4 + i) for i in range(4)))
     assert outcomes == ["ok"] * len(outcomes), [o for o in outcomes if o != "ok"]
+
+
+class _LateShmWorker(worker_pb2_grpc.ShardWorkerServicer):
+    """Answers every ForwardStream request late, with its output in a shared-memory segment, and ignores
+    cancels: the shape of a hedge loser's or a timed-out request's response arriving after its caller left."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.answered = 0
+
+    async def ForwardStream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
+        async def answer(request: worker_pb2.ForwardRequest) -> None:
+            await asyncio.sleep(0.3)
+            output = placement.pack(torch.randn(512, 1024), colocated=True, request_id=request.request_id)
+            await context.write(worker_pb2.ForwardResponse(request_id=request.request_id, output=output))
+            self.answered += 1
+
+        answers = []
+        while (request := await context.read()) is not grpc.aio.EOF:
+            if not request.cancel:
+                self.received += 1
+                answers.append(asyncio.create_task(answer(request)))
+        await asyncio.gather(*answers)
+
+
+def _segments() -> set[str]:
+    return {p.name for p in shm.SHM_DIR.iterdir()} if shm.SHM_DIR.is_dir() else set()
+
+
+@pytest.mark.skipif(not shm.shm_available(), reason="no shared memory on this host")
+async def test_late_responses_release_their_shared_memory() -> None:
+    """Defect 5 (transport part): a response that arrives after its request timed out still holds a segment."""
+    server = grpc.aio.server()
+    late = _LateShmWorker()
+    worker_pb2_grpc.add_ShardWorkerServicer_to_server(late, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    address = f"127.0.0.1:{port}"
+    before = _segments()
+    try:
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            client = ForwardStreamClient(channel, address, "late")
+            for i in range(4):
+                with pytest.raises(DeadlineExceeded):
+                    await client.call(_request(f"late-{i}", SMALL), 0.15)
+            deadline = time.monotonic() + 10
+            await asyncio.sleep(0.5)
+            while late.answered < late.received and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert late.answered == late.received >= 1, (late.answered, late.received)
+            while _segments() - before and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert _segments() - before == set(), "segments of responses nobody waited for were left behind"
+            await client.close()
+    finally:
+        await server.stop(None)
