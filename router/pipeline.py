@@ -24,6 +24,7 @@ from services.errors import DeadlineExceeded, ShardmeshError, Unavailable
 from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
 from services.telemetry import FAILOVERS, HEDGES
 from services.transport.stream_client import downstream_budget
+from services.security.route_mac import sign_route
 from services.wire import placement, shm
 from router.peers import WorkerPool
 from router.planning.balancer import ReplicaStats, choose_replica
@@ -48,6 +49,7 @@ class PipelineSettings:
     hedge_after_s: float = 0.0  # 0 = no hedging
     wire_dtype: int = 0  # tensor_pb2.DType for activations workers send; 0 = each worker's --wire-dtype
     use_shm: bool = True  # shared memory for large activations to co-located workers
+    mesh_key: bytes | None = None  # signs relay routes (services/security/route_mac.py); None = unsigned
 
 
 @dataclass
@@ -298,6 +300,10 @@ class Pipeline:
                 address=worker.address,
                 layers=tensor_pb2.LayerRange(start=worker.span.start, end=worker.span.end),
             )
+        if len(chosen) > 1 and self._settings.mesh_key is not None:  # relay: workers relay only along signed routes
+            request.route_expires_ms = int((time.time() + timeout) * 1000) + ROUTE_CLOCK_SKEW_MS
+            hops = [tensor_pb2.RouteHop(worker_id=first.worker_id, address=first.address, layers=request.layers), *request.downstream]
+            request.route_mac = sign_route(self._settings.mesh_key, call_id, hops, request.route_expires_ms)
         if mask is not None:
             request.attention_mask.CopyFrom(mask)
         if session is not None:
@@ -320,6 +326,7 @@ class Pipeline:
         return response, elapsed * 1000
 
 
+ROUTE_CLOCK_SKEW_MS = 10_000  # a route signature outlives the call by this much, for clocks that disagree
 _OFF_LOOP_BYTES = 1 << 20  # (de)serialising more than this runs in a thread, not on the event loop
 
 
