@@ -105,7 +105,8 @@ async def test_one_deadline_covers_queueing_writing_and_reply(middle_worker: tup
 async def test_hedging_at_one_ms_loses_nothing_and_never_answers_internal() -> None:
     """Defect 1 through the router: hedge losers are cancelled mid-write on shared streams; with the
     fault, requests failed with INTERNAL (InvalidStateError) or UNAVAILABLE from healthy workers."""
-    from services.client import AsyncRouterClient
+    from services.client import AsyncRouterClient, build_request
+    from services.gen.shardmesh.v1 import router_pb2
 
     # Stage 1's 2.6 MiB input crosses inline as 3 chunks, so hedge losers are often cut off mid-write.
     config = {
@@ -129,6 +130,23 @@ async def test_hedging_at_one_ms_loses_nothing_and_never_answers_internal() -> N
 
             for batch in range(4):
                 await asyncio.gather(*(one(batch * 4 + i) for i in range(4)))
+        # The router parses its messages in the handler too (issue 15): corrupt -> INVALID_ARGUMENT, in-band on streams.
+        async with grpc.aio.insecure_channel(mesh.router) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await channel.unary_unary("/shardmesh.v1.Router/Infer", request_serializer=None)(b"\x0a\x05ab", timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+            stream = channel.stream_stream(
+                "/shardmesh.v1.Router/InferStream", request_serializer=None,
+                response_deserializer=router_pb2.InferResponse.FromString,
+            )()
+            valid = build_request(tensor=ids[:, :8], request_id="valid").SerializeToString()
+            for message in (valid, b"\x0a\x05ab", valid.replace(b"valid", b"after")):
+                await stream.write(message)
+            await stream.done_writing()
+            replies = {r.request_id: r async for r in stream}
+        assert set(replies) == {"valid", "", "after"}, replies
+        assert replies[""].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], replies[""]
+        assert not replies["valid"].HasField("error") and not replies["after"].HasField("error")
     assert outcomes == ["ok"] * len(outcomes), [o for o in outcomes if o != "ok"]
 
 
