@@ -67,6 +67,18 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
+async def _stalled_client(requests: int) -> tuple[ScriptedContext, Recorder, asyncio.Task[None]]:
+    """A stream (2 slots) whose client sent ``requests`` requests and reads nothing."""
+    context, rec = ScriptedContext(), Recorder()
+    context.writable.clear()
+    rec.gate.set()
+    serving = asyncio.create_task(serve_multiplexed(context, rec.handlers(), max_pending=2))  # type: ignore[arg-type]
+    for i in range(requests):
+        context.inbox.put_nowait(Msg(f"r{i}"))
+    await _settle()
+    return context, rec, serving
+
+
 async def test_cancel_is_read_while_every_slot_is_taken() -> None:
     context, rec = ScriptedContext(), Recorder()
     serving = asyncio.create_task(serve_multiplexed(context, rec.handlers(), max_pending=2))  # type: ignore[arg-type]
@@ -84,13 +96,7 @@ async def test_cancel_is_read_while_every_slot_is_taken() -> None:
 
 
 async def test_a_client_that_does_not_read_stops_being_read() -> None:
-    context, rec = ScriptedContext(), Recorder()
-    context.writable.clear()
-    rec.gate.set()
-    serving = asyncio.create_task(serve_multiplexed(context, rec.handlers(), max_pending=2))  # type: ignore[arg-type]
-    for i in range(100):
-        context.inbox.put_nowait(Msg(f"r{i}"))
-    await _settle()
+    context, rec, serving = await _stalled_client(100)
     # Two answers hold the slots until written, a few more wait parked; nothing else is read.
     assert context.read_count == 2 + parked_limit(2), context.read_count
     context.writable.set()
@@ -100,13 +106,7 @@ async def test_a_client_that_does_not_read_stops_being_read() -> None:
 
 
 async def test_answers_never_written_are_released_when_the_stream_ends() -> None:
-    context, rec = ScriptedContext(), Recorder()
-    context.writable.clear()
-    rec.gate.set()
-    serving = asyncio.create_task(serve_multiplexed(context, rec.handlers(), max_pending=2))  # type: ignore[arg-type]
-    for i in range(6):
-        context.inbox.put_nowait(Msg(f"r{i}"))
-    await _settle()
+    context, rec, serving = await _stalled_client(6)
     serving.cancel()  # the call ends (client gone) with answers and parked requests outstanding
     with pytest.raises(asyncio.CancelledError):
         await serving
