@@ -237,16 +237,18 @@ class Pipeline:
         race is cancelled, which is never counted as its worker's failure.
         """
         first = asyncio.create_task(self._call([primary], call_id, stage_input, mask, checksum, deadline))
-        done, _ = await asyncio.wait({first}, timeout=self._hedge_delay(primary))
-        if done or not spare:
-            response, hop_ms = await first
-            return response, hop_ms, primary
-        backup = self.choose(spare)
-        HEDGES.inc()
-        second = asyncio.create_task(self._call([backup], call_id + "/hedge", stage_input, mask, checksum, deadline))
-        owners = {first: primary, second: backup}
-        pending = set(owners)
+        owners = {first: primary}
+        pending = {first}
         try:
+            done, pending = await asyncio.wait(pending, timeout=self._hedge_delay(primary))
+            if done or not spare:
+                response, hop_ms = await first
+                return response, hop_ms, primary
+            backup = self.choose(spare)
+            HEDGES.inc()
+            second = asyncio.create_task(self._call([backup], call_id + "/hedge", stage_input, mask, checksum, deadline))
+            owners[second] = backup
+            pending = set(owners)
             while True:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in sorted(done, key=lambda t: t.exception() is not None):  # a success first
@@ -258,11 +260,12 @@ class Pipeline:
                         raise error
                     self.record_hop_failure(owners[task], error, request_deadline=deadline)
                     failed.add(owners[task].worker_id)
-        finally:
+        finally:  # also when this request is cancelled while it waits
             for task in pending:
-                task.cancel()
-                self._background.add(task)  # the loser's cleanup (cancel message, segment release) still runs
-                task.add_done_callback(self._background.discard)
+                if not task.done():
+                    task.cancel()
+                    self._background.add(task)  # the loser's cleanup (cancel message, segment release) still runs
+                    task.add_done_callback(self._background.discard)
 
     async def _call(
         self,
