@@ -224,3 +224,15 @@ def worker_channel(mesh: UpMesh, name: str):  # type: ignore[no-untyped-def]
         intercept_stream_stream = intercept_stream_unary
 
     return grpc.intercept_channel(grpc.insecure_channel(mesh.workers[name]["address"]), _AddMetadata())
+
+
+def retry_until(probe, timeout_s: float = 60.0):  # type: ignore[no-untyped-def]
+    """Calls ``probe`` until it returns without raising (start-up takes a few seconds); re-raises at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return probe()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

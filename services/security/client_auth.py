@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 
 from services.errors import ConfigError, PermissionDenied, ResourceExhausted, Unauthenticated
-from services.security.guard import guard_handler, short_method
+from services.security.guard import GuardInterceptor
 from services.security.mesh_auth import metadata_value
 from services.security.ratelimit import TenantRateLimiter
 from services.security.tokens import TenantPolicy, TokenTable, load_token_file
@@ -100,24 +100,17 @@ def certificate_tenant(context: grpc.aio.ServicerContext) -> str | None:
     return names[0].decode(errors="replace") if names else None
 
 
-class ClientAuthInterceptor(grpc.aio.ServerInterceptor):
+class ClientAuthInterceptor(GuardInterceptor):
     def __init__(self, settings: ClientAuthSettings, clock: Callable[[], float] = time.monotonic) -> None:
         self._settings = settings
         self._limiter = TenantRateLimiter()
         self._clock = clock
 
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        service, method = short_method(handler_call_details.method)
-        if service in OPEN_SERVICES:
-            return handler
+    def guards(self, service: str, method: str) -> bool:
+        return service not in OPEN_SERVICES
 
-        async def check(context: grpc.aio.ServicerContext) -> None:
-            CURRENT_TENANT.set(self.admit(context, method))
-
-        return guard_handler(handler, check, handler_call_details.method)
+    async def check(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        CURRENT_TENANT.set(self.admit(context, method))
 
     def _table(self) -> TokenTable | None:
         return self._settings.tokens.table() if self._settings.tokens is not None else None

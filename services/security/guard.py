@@ -89,6 +89,30 @@ def guard_handler(handler: grpc.RpcMethodHandler, check: Check, method: str) -> 
     return make(behaviour, None, handler.response_serializer)
 
 
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that runs :meth:`check` before every method :meth:`guards` selects."""
+
+    def guards(self, service: str, method: str) -> bool:
+        raise NotImplementedError
+
+    async def check(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        """Raises a ShardmeshError (its status is the caller's answer) to refuse the call."""
+        raise NotImplementedError
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, method = short_method(handler_call_details.method)
+        if not self.guards(service, method):
+            return handler
+
+        async def check(context: grpc.aio.ServicerContext) -> None:
+            await self.check(context, method)
+
+        return guard_handler(handler, check, handler_call_details.method)
+
+
 def short_method(full_method: str) -> tuple[str, str]:
     """``/pkg.Service/Method`` -> (``pkg.Service``, ``Method``)."""
     service, _, name = full_method.strip("/").partition("/")

@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import urllib.parse
 
 import grpc
 
 from services.errors import PermissionDenied, Unauthenticated
-from services.security.guard import guard_handler, short_method
+from services.security.guard import GuardInterceptor
 
 MESH_TOKEN_HEADER = "x-shardmesh-mesh-token"
 _MESH_TOKEN_LABEL = b"shardmesh-mesh-token-v1"
@@ -38,8 +39,8 @@ def mesh_call_metadata(mesh_key: bytes | None) -> tuple[tuple[str, str], ...]:
 
 
 def is_loopback_peer(peer: str) -> bool:
-    """``context.peer()`` forms: ``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``unix:/path``."""
-    kind, _, rest = peer.partition(":")
+    """``context.peer()`` forms: ``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000`` (or ``%5B::1%5D``), ``unix:/path``."""
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")  # gRPC may percent-encode the brackets
     if kind == "unix":
         return True
     if kind == "ipv4":
@@ -70,27 +71,17 @@ def has_verified_certificate(context: grpc.aio.ServicerContext) -> bool:
     return bool(auth.get("x509_common_name") or auth.get("x509_subject_alternative_name") or auth.get("x509_pem_cert"))
 
 
-class MeshAuthInterceptor(grpc.aio.ServerInterceptor):
+class MeshAuthInterceptor(GuardInterceptor):
     """A worker's server interceptor: mesh methods only for members of this mesh."""
 
     def __init__(self, mesh_key: bytes | None, mutual_tls: bool) -> None:
         self._token = mesh_token(mesh_key).encode() if mesh_key is not None else None
         self._mutual_tls = mutual_tls
 
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        service, method = short_method(handler_call_details.method)
-        if service != WORKER_SERVICE or method in OPEN_WORKER_METHODS:
-            return handler
+    def guards(self, service: str, method: str) -> bool:
+        return service == WORKER_SERVICE and method not in OPEN_WORKER_METHODS
 
-        async def check(context: grpc.aio.ServicerContext) -> None:
-            self.check(context, method)
-
-        return guard_handler(handler, check, handler_call_details.method)
-
-    def check(self, context: grpc.aio.ServicerContext, method: str) -> None:
+    async def check(self, context: grpc.aio.ServicerContext, method: str) -> None:
         what = f"ShardWorker/{method} is only for the router and workers of this mesh"
         if self._token is not None:
             sent = metadata_value(context, MESH_TOKEN_HEADER)

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 import pytest
@@ -29,7 +28,7 @@ from services.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from services.gen.shardmesh.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.security.mesh_auth import mesh_call_metadata
 from services.wire import codec
-from tests.procs import CLI, REPO, start_router, start_worker, wait_serving
+from tests.procs import CLI, REPO, retry_until, start_router, start_worker, wait_serving
 
 pytestmark = [pytest.mark.integration]
 
@@ -39,9 +38,6 @@ TOKEN_B = "b-" + secrets.token_hex(16)  # team-b: Topology only
 TOKEN_SLOW = "s-" + secrets.token_hex(16)  # team-slow: 1 request/s, burst 2
 TOKEN_OLD = "o-" + secrets.token_hex(16)  # replaced by TOKEN_NEW while the router runs
 TOKEN_NEW = "n-" + secrets.token_hex(16)
-
-T = TypeVar("T")
-
 
 def _tokens_file(path: Path, *, rotated: bool = False) -> None:
     tokens = {TOKEN_A: "team-a", TOKEN_B: "team-b", TOKEN_SLOW: "team-slow"}
@@ -61,17 +57,6 @@ class AuthMesh:
     worker: str
     tokens_file: Path
     mesh_key: bytes
-
-
-def _until(probe: Callable[[], T], timeout_s: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return probe()
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +117,7 @@ def test_unauthenticated_caller_reaches_nothing_but_health_and_reflection(mesh: 
 
 def test_known_tokens_unknown_tokens_and_forbidden_methods(mesh: AuthMesh) -> None:
     with RouterClient(mesh.router, token=TOKEN_A) as client:
-        result = _until(lambda: client.infer(tokens=[1, 2, 3], timeout_s=20))
+        result = retry_until(lambda: client.infer(tokens=[1, 2, 3], timeout_s=20))
         assert result.output.numel() > 0 and result.route
     with RouterClient(mesh.router, token="x" * 40) as client, pytest.raises(Unauthenticated) as info:
         client.infer(tokens=[1, 2, 3], timeout_s=10)
@@ -148,7 +133,7 @@ def test_known_tokens_unknown_tokens_and_forbidden_methods(mesh: AuthMesh) -> No
 
 def test_rate_limit_per_tenant_counts_unary_calls_and_stream_requests(mesh: AuthMesh) -> None:
     with RouterClient(mesh.router, token=TOKEN_SLOW) as slow, RouterClient(mesh.router, token=TOKEN_A) as free:
-        _until(lambda: free.infer(tokens=[1, 2], timeout_s=20))
+        retry_until(lambda: free.infer(tokens=[1, 2], timeout_s=20))
         time.sleep(2.1)  # a full bucket
         assert slow.topology().complete and slow.topology().complete  # the burst of 2
         with pytest.raises(grpc.RpcError) as info:
@@ -180,7 +165,7 @@ def test_rate_limit_per_tenant_counts_unary_calls_and_stream_requests(mesh: Auth
 def test_client_and_cli_send_the_token_from_environment_or_flag(mesh: AuthMesh, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHARDMESH_TOKEN", TOKEN_A)
     with RouterClient(mesh.router) as client:
-        assert _until(lambda: client.infer(tokens=[1, 2], timeout_s=20)).route
+        assert retry_until(lambda: client.infer(tokens=[1, 2], timeout_s=20)).route
     monkeypatch.delenv("SHARDMESH_TOKEN")
     refused = subprocess.run([*CLI, "generate", "--router", mesh.router, "--token", TOKEN_B, "--max-new-tokens", "2", "hi"],
                              cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -193,7 +178,7 @@ def test_token_file_reload_admits_new_tokens_and_drops_removed_ones(mesh: AuthMe
         _tokens_file(mesh.tokens_file, rotated=True)
         with RouterClient(mesh.router, token=TOKEN_NEW) as new:
             started = time.monotonic()
-            _until(lambda: new.topology(), timeout_s=15)
+            retry_until(lambda: new.topology(), timeout_s=15)
             assert time.monotonic() - started < 10
         with pytest.raises(grpc.RpcError) as info:
             old.topology()
@@ -235,7 +220,7 @@ def test_worker_mesh_methods_need_the_mesh_token(mesh: AuthMesh) -> None:
         assert _code(member["CloseSession"]) == (grpc.StatusCode.OK, "")
     # ... and the router of the mesh, started with the same key, sends it (every other test here relies on it).
     with RouterClient(mesh.router, token=TOKEN_A) as client:
-        assert _until(lambda: client.infer(tokens=[1, 2, 3], timeout_s=20)).route
+        assert retry_until(lambda: client.infer(tokens=[1, 2, 3], timeout_s=20)).route
 
 
 def _non_loopback_address() -> str | None:

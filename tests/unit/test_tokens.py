@@ -95,6 +95,7 @@ def test_bearer_header_parsing() -> None:
         ("ipv4:127.0.0.1:5000", True),
         ("ipv4:127.8.9.1:5000", True),
         ("ipv6:[::1]:5000", True),
+        ("ipv6:%5B::1%5D:5000", True),
         ("ipv6:[::ffff:127.0.0.1]:5000", True),
         ("unix:/tmp/sock", True),
         ("ipv4:10.0.0.7:5000", False),
