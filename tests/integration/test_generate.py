@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import grpc
 import pytest
@@ -15,7 +15,7 @@ import torch
 
 from services.client import AsyncRouterClient, RouterClient, build_generate_request
 from services.errors import ResourceExhausted
-from services.gen.shardmesh.v1 import worker_pb2, worker_pb2_grpc
+from services.gen.shardmesh.v1 import router_pb2, worker_pb2, worker_pb2_grpc
 from services.models.registry import resolve_model
 from services.wire import codec
 from tests.fault_worker import start_fault_worker
@@ -97,25 +97,37 @@ def _tokenizer():  # type: ignore[no-untyped-def]
     return AutoTokenizer.from_pretrained(str(resolve_model("smollm2").model_dir))
 
 
+async def _stream_with_fault(
+    mesh: UpMesh, request: router_pb2.GenerateRequest, after_tokens: int, fault: Callable[[int], Awaitable[None]]
+) -> tuple[str, list[int], router_pb2.GenerateSummary | None]:
+    """Streams a generation; after ``after_tokens`` tokens, applies ``fault`` to the pid of the stage-1 replica
+    (w1r0 or w1r1) that holds the session. Returns that replica's name, the tokens and the summary."""
+    victim = ""
+    tokens: list[int] = []
+    async with AsyncRouterClient(mesh.router) as client:
+        async for event in client.generate_stream(request, 300):
+            if event.HasField("summary"):
+                return victim, tokens, event.summary
+            tokens.append(event.token.token_id)
+            if len(tokens) == after_tokens:
+                counts = await asyncio.to_thread(_sessions, mesh)
+                victim = next(name for name in ("w1r0", "w1r1") if counts[name] == 1)
+                await fault(int(mesh.workers[victim]["pid"]))
+    return victim, tokens, None
+
+
 @pytest.mark.slow
 async def test_killing_a_worker_mid_generation_keeps_the_tokens(smollm2_mesh: UpMesh) -> None:
     tokenizer = _tokenizer()
     prompt = PROMPTS[2]
     expected = _reference("smollm2", tokenizer(prompt)["input_ids"], 24)
-    victim = None
-    tokens: list[int] = []
-    summary = None
-    async with AsyncRouterClient(smollm2_mesh.router) as client:
-        async for event in client.generate_stream(build_generate_request(text=prompt, max_new_tokens=24), 300):
-            if event.HasField("summary"):
-                summary = event.summary
-                break
-            tokens.append(event.token.token_id)
-            if len(tokens) == 6 and victim is None:
-                counts = await asyncio.to_thread(_sessions, smollm2_mesh)
-                victim = next(name for name in ("w1r0", "w1r1") if counts[name] == 1)
-                os.kill(int(smollm2_mesh.workers[victim]["pid"]), signal.SIGKILL)
-    assert victim is not None and summary is not None
+
+    async def kill(pid: int) -> None:
+        os.kill(pid, signal.SIGKILL)
+
+    request = build_generate_request(text=prompt, max_new_tokens=24)
+    victim, tokens, summary = await _stream_with_fault(smollm2_mesh, request, 6, kill)
+    assert victim and summary is not None
     assert summary.failovers >= 1 and victim not in summary.route
     assert tokens == expected and list(summary.token_ids) == expected
 
@@ -231,29 +243,16 @@ def test_failover_mid_generation_closes_the_old_session_on_the_live_worker() -> 
     }
     prompt = [1, 400, 3, 18]
     expected = _reference("tiny-llama", prompt, 500)
+
+    async def hang_then_resume(pid: int) -> None:
+        os.kill(pid, signal.SIGSTOP)
+        await asyncio.sleep(1.5)
+        os.kill(pid, signal.SIGCONT)
+
     with mesh_up(config) as mesh:
-
-        async def run() -> tuple[str, list[int], object]:
-            victim = ""
-            tokens: list[int] = []
-            summary = None
-            async with AsyncRouterClient(mesh.router) as client:
-                async for event in client.generate_stream(build_generate_request(tokens=prompt, max_new_tokens=500), 120):
-                    if event.HasField("summary"):
-                        summary = event.summary
-                        break
-                    tokens.append(event.token.token_id)
-                    if len(tokens) == 3:
-                        counts = await asyncio.to_thread(_sessions, mesh)
-                        victim = next(name for name in ("w1r0", "w1r1") if counts[name] == 1)
-                        pid = int(mesh.workers[victim]["pid"])
-                        os.kill(pid, signal.SIGSTOP)
-                        await asyncio.sleep(1.5)
-                        os.kill(pid, signal.SIGCONT)
-            return victim, tokens, summary
-
-        victim, tokens, summary = asyncio.run(run())
-        assert summary is not None and summary.failovers >= 1 and victim not in summary.route  # type: ignore[attr-defined]
+        request = build_generate_request(tokens=prompt, max_new_tokens=500)
+        victim, tokens, summary = asyncio.run(_stream_with_fault(mesh, request, 3, hang_then_resume))
+        assert summary is not None and summary.failovers >= 1 and victim not in summary.route
         assert tokens == expected
         counts = _until(lambda: _sessions(mesh), lambda c: not any(c.values()), 10)
         assert counts == {w: 0 for w in mesh.workers}, counts
