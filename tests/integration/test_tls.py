@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
-from collections.abc import Callable
-from typing import TypeVar
 from pathlib import Path
 
 import grpc
@@ -17,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.client import RouterClient
 from services.errors import PermissionDenied, Unavailable
-from tests.procs import start_router, start_worker
+from tests.procs import retry_until, start_router, start_worker
 
 pytestmark = [pytest.mark.integration]
 
@@ -40,21 +37,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-T = TypeVar("T")
-
-
-def _until(probe: Callable[[], T], timeout_s: float = 60.0) -> T:
-    """Retries ``probe`` until it returns without raising (start-up takes a few seconds)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return probe()
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,11 +56,11 @@ def test_mutual_tls_end_to_end_and_plaintext_health(pki: Path) -> None:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
-            _until(serving)
+            retry_until(serving)
         router, router_addr = start_router([worker_addr], *tls)
         client_tls = {"tls_ca": pki / "ca.crt", "tls_cert": pki / "client.crt", "tls_key": pki / "client.key"}
         with RouterClient(router_addr, **client_tls) as client:
-            result = _until(lambda: client.infer(tokens=[1, 2, 3], timeout_s=10))
+            result = retry_until(lambda: client.infer(tokens=[1, 2, 3], timeout_s=10))
             assert result.output.shape[-1] > 0 and result.route
         # Without a client certificate the router refuses the connection.
         with RouterClient(router_addr, tls_ca=pki / "ca.crt") as client, pytest.raises(Unavailable):
@@ -92,7 +74,12 @@ def test_mutual_tls_end_to_end_and_plaintext_health(pki: Path) -> None:
         tokens.write_text(yaml.safe_dump({"tokens": {"t" * 32: "someone"}, "tenants": {"client": {"methods": ["Topology"]}}}))
         router, router_addr = start_router([worker_addr], *tls, "--auth-tokens-file", str(tokens))
         with RouterClient(router_addr, **client_tls) as client:
-            assert _until(lambda: client.topology(timeout_s=10)).complete
+
+            def complete() -> None:  # Topology is allowed to tenant "client"; wait for the route
+                view = client.topology(timeout_s=10)
+                assert view.complete, view.problem
+
+            retry_until(complete)
             with pytest.raises(PermissionDenied, match="tenant 'client' may not call Infer"):
                 client.infer(tokens=[1, 2, 3], timeout_s=10)
     finally:
