@@ -1,1 +1,3 @@
-"""Client side of worker-to-worker and router-to-worker calls: persistent channels and multiplexed streams."""
+"""Calls between router and workers: persistent channels and multiplexed streams (client: pool, stream_client,
+stream_writer; server: stream_server, raw parsing, admission), with the bounds and fault model described in
+docs/architecture.md ("Transport fault model")."""
