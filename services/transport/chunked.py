@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Generic, TypeVar
 
 from services.gen.shardmesh.v1 import worker_pb2
+from services.transport.stream_writer import MAX_INTERLEAVED
 from services.wire.chunking import DEFAULT_CHUNK_BYTES, Reassembler, split
 
 M = TypeVar("M", worker_pb2.ForwardRequest, worker_pb2.ForwardResponse)
@@ -45,11 +46,13 @@ class MessageAssembler(Generic[M]):
     """Collects the chunks of each request id; returns the whole message once complete.
 
     ``max_tensor_bytes`` is the receiver's tensor limit (the worker's --max-tensor-mb): a chunk 0 that
-    declares more is refused before anything is buffered.
+    declares more is refused before anything is buffered. A stream then holds at most as many partial
+    tensors' bytes as a sender interleaves whole tensors (``MAX_INTERLEAVED``), and never over 1 GiB.
     """
 
-    def __init__(self, max_tensor_bytes: int | None = None, max_pending_bytes: int = MAX_PENDING_BYTES) -> None:
-        self._tensors = Reassembler(max_pending_bytes, MAX_PENDING_REQUESTS, max_tensor_bytes)
+    def __init__(self, max_tensor_bytes: int | None = None) -> None:
+        budget = MAX_PENDING_BYTES if max_tensor_bytes is None else min(MAX_PENDING_BYTES, MAX_INTERLEAVED * max_tensor_bytes)
+        self._tensors = Reassembler(budget, MAX_PENDING_REQUESTS, max_tensor_bytes)
         self._heads: dict[str, M] = {}
 
     def add(self, msg: M) -> M | None:

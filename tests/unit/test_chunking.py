@@ -155,3 +155,17 @@ def test_chunks_cannot_carry_more_than_declared() -> None:
     with pytest.raises(InvalidArgument, match="chunk 1 of 4 carries 20000 bytes.*needs 10000"):
         r.add("req", chunks[1])
     assert r.pending_bytes == 0 and r.pending_requests == 0
+
+
+def test_stream_assembler_budget_follows_the_tensor_limit() -> None:
+    """Per stream: as many whole tensors of the limit as a sender interleaves (4), no more."""
+    from services.gen.shardmesh.v1 import worker_pb2
+    from services.transport.chunked import MessageAssembler, split_message
+
+    assembler: MessageAssembler[worker_pb2.ForwardRequest] = MessageAssembler(max_tensor_bytes=40_000)
+    msg = codec.encode(torch.randn(100, 100))  # 40 000 bytes: exactly the limit
+    heads = [split_message(worker_pb2.ForwardRequest(request_id=f"r{i}", input=msg), 10_000)[0] for i in range(5)]
+    for head in heads[:4]:
+        assert assembler.add(head) is None
+    with pytest.raises(ResourceExhausted, match="over the limit of 160000"):
+        assembler.add(heads[4])
