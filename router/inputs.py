@@ -88,6 +88,14 @@ def _encode_text(text: str, tokenizer: Callable[[], Any]) -> tuple[list[int], li
     return ids, mask
 
 
+async def encode_text(text: str, tokenizer: Callable[[], Any]) -> tuple[list[int], list[int]]:
+    """Token ids and mask of ``text``, refused past the model's maximum; long texts in a worker thread.
+    (For generation prompts too: ``core.generate`` still tokenises on the event loop.)"""
+    if len(text) <= INLINE_TEXT_CHARS:
+        return _encode_text(text, tokenizer)
+    return await asyncio.to_thread(_encode_text, text, tokenizer)
+
+
 async def request_inputs(
     request: router_pb2.InferRequest, tokenizer: Callable[[], Any], max_tensor_bytes: int
 ) -> tuple[tensor_pb2.Tensor, tensor_pb2.Tensor | None]:
@@ -98,10 +106,7 @@ async def request_inputs(
     if kind == "text":
         if not request.text.strip():
             raise InvalidArgument("text: empty; send at least one non-blank character")
-        if len(request.text) <= INLINE_TEXT_CHARS:
-            ids, mask = _encode_text(request.text, tokenizer)
-        else:
-            ids, mask = await asyncio.to_thread(_encode_text, request.text, tokenizer)
+        ids, mask = await encode_text(request.text, tokenizer)
         return codec.encode(torch.tensor([ids], dtype=torch.int64)), codec.encode(torch.tensor([mask], dtype=torch.int64))
     if kind == "tokens":
         count = len(request.tokens.ids)
