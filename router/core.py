@@ -14,7 +14,7 @@ from services.models.registry import load_tokenizer, resolve_model
 from services.telemetry import INFLIGHT
 from services.wire import codec
 from router.generation import GenerationService
-from router.inputs import TokenizerCache, request_inputs
+from router.inputs import TokenizerCache, encode_text, request_inputs
 from router.pipeline import Pipeline
 from router.topology import Topology
 
@@ -117,7 +117,7 @@ class RouterCore:
             if not request.text.strip():
                 raise InvalidArgument("text: empty prompt; send at least one non-blank character")
             tokenizer = self._tokenizer()
-            prompt_ids, _ = tokenizer.encode(request.text)
+            prompt_ids, _ = await encode_text(request.text, lambda: tokenizer)
         elif kind == "tokens":
             prompt_ids = list(request.tokens.ids)
             try:

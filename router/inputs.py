@@ -89,8 +89,8 @@ def _encode_text(text: str, tokenizer: Callable[[], Any]) -> tuple[list[int], li
 
 
 async def encode_text(text: str, tokenizer: Callable[[], Any]) -> tuple[list[int], list[int]]:
-    """Token ids and mask of ``text``, refused past the model's maximum; long texts in a worker thread.
-    (For generation prompts too: ``core.generate`` still tokenises on the event loop.)"""
+    """Token ids and mask of ``text`` (an Infer input or a Generate prompt), refused past the model's
+    maximum; long texts are tokenised in a worker thread so the event loop keeps serving."""
     if len(text) <= INLINE_TEXT_CHARS:
         return _encode_text(text, tokenizer)
     return await asyncio.to_thread(_encode_text, text, tokenizer)

@@ -20,7 +20,7 @@ from collections.abc import Collection, Sequence
 import torch
 from dataclasses import dataclass, field
 
-from services.errors import DeadlineExceeded, ShardmeshError, Unavailable
+from services.errors import DeadlineExceeded, FailedPrecondition, ShardmeshError, Unavailable
 from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
 from services.telemetry import FAILOVERS, HEDGES
 from services.transport.stream_client import downstream_budget
@@ -181,6 +181,9 @@ class Pipeline:
                     )
             except ShardmeshError as exc:
                 if not may_fail_over(exc):
+                    if isinstance(exc, FailedPrecondition) and exc.failed_address:
+                        # The hop contradicts the table (restarted with other layers or weights): describe it again.
+                        self._topology.suspect(exc.failed_address, exc.message)
                     raise
                 worker = next((w for w in candidates if w.worker_id == exc.failed_worker_id), chosen[0])
                 partial = exc.relay_response
