@@ -108,6 +108,7 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None, fault_
         outliers,
         RetryBudget(ratio=config.retry_budget),
     )
+    generation = GenerationService(topology, pool, pipeline, config.max_attempts)
     core = RouterCore(
         topology,
         pipeline,
@@ -116,7 +117,7 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None, fault_
         max_inflight=config.max_inflight,
         max_tensor_bytes=config.max_tensor_bytes,
         tokenizer_model=config.model,
-        generation=GenerationService(topology, pool, pipeline, config.max_attempts),
+        generation=generation,
     )
     charge = (lambda: auth.charge(CURRENT_TENANT.get())) if auth is not None else None
     servicer = RouterServicer(
@@ -143,6 +144,7 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None, fault_
         with contextlib.suppress(BaseException):
             await prober
         await lifecycle.stop(config.grace_s)
+        await generation.aclose()  # CloseSession calls still running: sessions are not left on workers
         await topology.close()
         await pool.close()
     return 0
