@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from services.errors import DeadlineExceeded, FailedPrecondition, ShardmeshError, Unavailable
 from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
 from services.telemetry import FAILOVERS, HEDGES
+from services.transport.release import release_response
 from services.transport.stream_client import downstream_budget
 from services.security.route_mac import sign_route
 from services.wire import placement, shm
@@ -242,10 +243,12 @@ class Pipeline:
         first = asyncio.create_task(self._call([primary], call_id, stage_input, mask, checksum, deadline))
         owners = {first: primary}
         pending = {first}
+        winner: asyncio.Task[tuple[worker_pb2.ForwardResponse, float]] | None = None
         try:
             done, pending = await asyncio.wait(pending, timeout=self._hedge_delay(primary))
             if done or not spare:
                 response, hop_ms = await first
+                winner = first
                 return response, hop_ms, primary
             backup = self.choose(spare)
             HEDGES.inc()
@@ -257,6 +260,7 @@ class Pipeline:
                 for task in sorted(done, key=lambda t: t.exception() is not None):  # a success first
                     error = task.exception()
                     if error is None:
+                        winner = task
                         response, hop_ms = task.result()
                         return response, hop_ms, owners[task]
                     if not pending or not may_fail_over(error):
@@ -264,11 +268,14 @@ class Pipeline:
                     self.record_hop_failure(owners[task], error, request_deadline=deadline)
                     failed.add(owners[task].worker_id)
         finally:  # also when this request is cancelled while it waits
-            for task in pending:
+            for task in owners:
+                if task is winner:
+                    continue
                 if not task.done():
                     task.cancel()
                     self._background.add(task)  # the loser's cleanup (cancel message, segment release) still runs
                     task.add_done_callback(self._background.discard)
+                task.add_done_callback(_release_unread)  # an answer nobody takes: free its segment
 
     async def _call(
         self,
@@ -333,6 +340,12 @@ class Pipeline:
 
 
 ROUTE_CLOCK_SKEW_MS = 10_000  # a route signature outlives the call by this much, for clocks that disagree
+def _release_unread(task: asyncio.Task[tuple[worker_pb2.ForwardResponse, float]]) -> None:
+    """A hedged call whose answer lost the race (or came after the request gave up): free what it holds."""
+    if not task.cancelled() and task.exception() is None:
+        release_response(task.result()[0])
+
+
 _OFF_LOOP_BYTES = 1 << 20  # (de)serialising more than this runs in a thread, not on the event loop
 
 

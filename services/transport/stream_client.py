@@ -149,10 +149,12 @@ class ForwardStreamClient:
         stream.pending[request_id] = future
         self._inflight.add(request_id)
         out: Outgoing | None = None
+        delivered = False
         try:
             async with asyncio.timeout(timeout_s):
                 out = await stream.writer.submit(request_id, split_message(request))
                 response = await future
+                delivered = True
         except TimeoutError:
             raise DeadlineExceeded(
                 f"hop {self.worker_id or self.address} ({self.address}) did not answer within {timeout_s * 1000:.0f} ms",
@@ -167,6 +169,8 @@ class ForwardStreamClient:
                 del stream.pending[request_id]
                 if out is not None:
                     stream.writer.cancel(out)
+            if not delivered and future.done() and not future.cancelled() and future.exception() is None:
+                release_response(future.result())  # answered just as the caller gave up: nobody reads it
         if response.HasField("error"):
             err = response.error
             exc = error_from_status(

@@ -65,3 +65,33 @@ async def test_a_request_cancelled_during_the_hedge_delay_cancels_its_call() -> 
     request.cancel()
     await asyncio.sleep(0.01)
     assert outcomes == {"a": "cancelled"}
+
+
+async def test_answers_that_lose_the_race_free_their_shared_memory() -> None:
+    """Both replicas answer with a shared-memory output at once: the winner's is handed over, every other
+    one is released (they were dropped before, leaking one segment per double answer)."""
+    from services.wire import placement, shm
+
+    if not shm.shm_available():
+        return
+    big = torch.zeros(1 << 19)  # 2 MiB: above the shared-memory threshold
+    handles: dict[str, str] = {}
+    pipeline = _pipeline(0.0001, {"a": 0.01, "b": 0.01}, {})
+
+    async def call(chosen: list[WorkerInfo], call_id: str, *args: Any, **kwargs: Any) -> tuple[worker_pb2.ForwardResponse, float]:
+        await asyncio.sleep(0.01)
+        response = worker_pb2.ForwardResponse(output=placement.pack(big, colocated=True, request_id=call_id))
+        handles[chosen[0].worker_id] = response.output.shm_handle
+        return response, 10.0
+
+    pipeline._call = call  # type: ignore[method-assign]
+    for _ in range(5):
+        handles.clear()
+        response, _, winner = await pipeline._hedged(A, [B], "id", torch.zeros(1), None, "sum", time.monotonic() + 5, set())
+        await asyncio.sleep(0.05)  # the loser finishes after the winner returned
+        assert set(handles) == {"a", "b"}
+        loser = handles["b" if winner is A else "a"]
+        assert response.output.shm_handle == handles[winner.worker_id]
+        assert (shm.SHM_DIR / handles[winner.worker_id]).exists()
+        assert not (shm.SHM_DIR / loser).exists(), "the losing answer's segment leaked"
+        placement.release(response.output)
