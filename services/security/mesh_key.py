@@ -53,8 +53,9 @@ def load_mesh_key(path: str | None, env: Mapping[str, str]) -> bytes | None:
             f"{source} {path} holds a {len(key)}-byte key; use at least {MIN_KEY_BYTES} random bytes"
             f" (or {2 * MIN_KEY_BYTES} hex digits)"
         )
-    if st.st_mode & 0o077:
-        log.warning("mesh key %s is readable by other users (mode %o); restrict it to 0600", path, stat.S_IMODE(st.st_mode))
+    # Group read is how Kubernetes mounts Secrets under an fsGroup (0440): only "other" access is a leak.
+    if st.st_mode & 0o007:
+        log.warning("mesh key %s is accessible to every user (mode %o); restrict it to 0600 or 0640", path, stat.S_IMODE(st.st_mode))
     return key
 
 

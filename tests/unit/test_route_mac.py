@@ -98,3 +98,17 @@ def test_mesh_key_errors_say_what_to_fix(tmp_path: Path) -> None:
         unreadable.chmod(0)
         with pytest.raises(ConfigError, match="not readable"):
             load_mesh_key(str(unreadable), {})
+
+
+def test_mesh_key_warns_only_when_other_users_can_read_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Kubernetes mounts Secrets 0440 under an fsGroup: group read is expected, world read is a leak."""
+    key = tmp_path / "mesh.key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o440)
+    with caplog.at_level("WARNING"):
+        load_mesh_key(str(key), {})
+    assert not caplog.records
+    key.chmod(0o444)
+    with caplog.at_level("WARNING"):
+        load_mesh_key(str(key), {})
+    assert any("every user" in r.getMessage() for r in caplog.records)
