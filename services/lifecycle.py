@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.errors import ConfigError
 from services.transport.admission import AdmissionInterceptor
+from services.transport.raw import add_parsing_servicer
 from services.net import TlsFiles, join_host_port, server_options, split_host_port
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class ServerLifecycle:
         self._stop_requested = asyncio.Event()
         self.address = ""
         self._health_server: grpc.aio.Server | None = None
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        add_parsing_servicer(health_pb2_grpc.add_HealthServicer_to_server, self.health, self.server)
         reflection.enable_server_reflection(
             (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
@@ -118,7 +119,7 @@ class ServerLifecycle:
         (kubelet probes cannot speak TLS). It shares the health state of the main server."""
         host, port = split_host_port(listen, what="--health-listen")
         server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        add_parsing_servicer(health_pb2_grpc.add_HealthServicer_to_server, self.health, server)
         if server.add_insecure_port(join_host_port(host, port)) == 0:
             raise ConfigError(f"cannot listen on {listen} for health probes: the port is busy")
         await server.start()

@@ -10,7 +10,9 @@ corrupt message in-band while the stream goes on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import inspect
+
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -49,6 +51,29 @@ def _parsing_unary(behavior: Callable[..., Any], parse: Callable[[Any], Any]) ->
     return unary
 
 
+def _parsing_unary_stream(behavior: Callable[..., Any], parse: Callable[[Any], Any]) -> Callable[..., Any]:
+    if not inspect.isasyncgenfunction(behavior):  # a handler that writes with context.write()
+        return _parsing_unary(behavior, parse)
+
+    async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            request = parse(raw)
+        except InvalidArgument as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        async for item in behavior(request, context):
+            yield item
+
+    return unary_stream
+
+
+def _message_type(handler: grpc.RpcMethodHandler, method: str) -> type[Message]:
+    """The request type behind a generated handler's deserializer (``SomeRequest.FromString``)."""
+    owner = getattr(handler.request_deserializer, "__self__", None)
+    if isinstance(owner, type) and issubclass(owner, Message):
+        return owner
+    raise ValueError(f"{method}: cannot tell its request message type; name it in raw=")
+
+
 def _raw_handler(handler: grpc.RpcMethodHandler, message_type: type[Message]) -> grpc.RpcMethodHandler:
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
@@ -56,11 +81,17 @@ def _raw_handler(handler: grpc.RpcMethodHandler, message_type: type[Message]) ->
             request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _parsing_unary_stream(handler.unary_stream, parser(message_type)),
+            request_deserializer=None,
+            response_serializer=handler.response_serializer,
+        )
     if handler.stream_stream is not None:  # the servicer parses each message itself (in-band errors)
         return grpc.stream_stream_rpc_method_handler(
             handler.stream_stream, request_deserializer=None, response_serializer=handler.response_serializer
         )
-    raise ValueError("only unary-unary and stream-stream methods can take raw bytes")
+    raise ValueError("client-streaming methods cannot take raw bytes")
 
 
 class _Capture:
@@ -81,14 +112,20 @@ def add_parsing_servicer(
     add_to_server: Callable[[Any, Any], None],
     servicer: object,
     server: grpc.aio.Server,
-    raw: Mapping[str, type[Message]],
+    raw: Mapping[str, type[Message]] | None = None,
 ) -> None:
-    """Registers ``servicer`` like the generated ``add_to_server`` does, with the methods named in ``raw``
-    (method name -> request message type) taking raw bytes. RPC names and wire format are unchanged."""
+    """Registers ``servicer`` like the generated ``add_to_server`` does, but every method with a single
+    request parses it in the handler (a corrupt message is INVALID_ARGUMENT, never UNKNOWN), and the
+    stream methods named in ``raw`` (method name -> request message type) receive raw bytes to parse
+    message by message. RPC names and wire format are unchanged."""
     capture = _Capture()
     add_to_server(servicer, capture)
     handlers = capture.handlers
-    for method, message_type in raw.items():
-        handlers[method] = _raw_handler(handlers[method], message_type)
+    named = dict(raw or {})
+    for method, handler in list(handlers.items()):
+        if method in named:
+            handlers[method] = _raw_handler(handler, named[method])
+        elif not handler.request_streaming:
+            handlers[method] = _raw_handler(handler, _message_type(handler, method))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))
     server.add_registered_method_handlers(capture.service, handlers)
