@@ -101,7 +101,7 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None, fault_
         topology,
         pool,
         PipelineSettings(
-            hop_timeout_s=config.hop_timeout_s, max_attempts=config.max_attempts, hedge_after_s=config.hedge_after_s,
+            hop_timeout_s=config.hop_timeout_s, max_attempts=config.max_attempts, hedge_after_s=config.hedge_after_s, hedge_fixed=config.hedge_fixed,
             use_shm=config.use_shm, mesh_key=mesh_key,
             wire_dtype=codec.wire_dtype(codec.dtype_from_name(config.wire_dtype)) if config.wire_dtype != "float32" else 0,
         ),

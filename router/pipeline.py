@@ -48,6 +48,7 @@ class PipelineSettings:
     hop_timeout_s: float
     max_attempts: int  # per hop
     hedge_after_s: float = 0.0  # 0 = no hedging
+    hedge_fixed: bool = False  # True: hedge after exactly hedge_after_s; False: not before the hop's recent p95
     wire_dtype: int = 0  # tensor_pb2.DType for activations workers send; 0 = each worker's --wire-dtype
     use_shm: bool = True  # shared memory for large activations to co-located workers
     mesh_key: bytes | None = None  # signs relay routes (services/security/route_mac.py); None = unsigned
@@ -219,7 +220,10 @@ class Pipeline:
         return result
 
     def _hedge_delay(self, worker: WorkerInfo) -> float:
-        """Hedge once a hop is slower than its recent p95, but never sooner than --hedge-after-ms."""
+        """Hedge once a hop is slower than its recent p95, but never sooner than --hedge-after-ms
+        (``--hedge-delay fixed``: after exactly --hedge-after-ms)."""
+        if self._settings.hedge_fixed:
+            return self._settings.hedge_after_s
         p95 = self._stats(worker.worker_id).p95_estimate()
         return max(self._settings.hedge_after_s, p95 or 0.0)
 

@@ -126,6 +126,7 @@ class RouterConfig:
     max_attempts: int
     retry_budget: float
     hedge_after_s: float
+    hedge_fixed: bool
     eject_after_failures: int
     eject_base_s: float
     max_inflight: int
@@ -161,6 +162,7 @@ class RouterConfig:
             max_attempts=args.max_attempts,
             retry_budget=args.retry_budget,
             hedge_after_s=args.hedge_after_ms / 1000.0,
+            hedge_fixed=getattr(args, "hedge_delay", "p95") == "fixed",
             eject_after_failures=args.eject_after_failures,
             eject_base_s=args.eject_base_s,
             max_inflight=args.max_inflight,

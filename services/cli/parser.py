@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eject-base-s", type=float, default=30.0,
                    help="first ejection time; each further ejection lasts longer; re-admitted after a passing health probe")
     r.add_argument("--hedge-after-ms", type=int, default=0, help="send a duplicate to a second replica after this (0 = off)")
+    r.add_argument("--hedge-delay", choices=["p95", "fixed"], default="p95",
+                   help="p95: hedge once a hop is slower than its recent p95 latency, never sooner than --hedge-after-ms;"
+                        " fixed: hedge after exactly --hedge-after-ms (duplicates most hops when it is short)")
     r.add_argument("--max-inflight", type=int, default=256, help="requests admitted at once; more get RESOURCE_EXHAUSTED")
     r.add_argument("--max-tensor-mb", type=int, default=256, help="largest tensor accepted from clients, in MiB")
     r.add_argument("--wire-dtype", choices=["float32", "float16", "bfloat16"], default="float32",

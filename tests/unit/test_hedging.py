@@ -78,8 +78,11 @@ async def test_answers_that_lose_the_race_free_their_shared_memory() -> None:
     handles: dict[str, str] = {}
     pipeline = _pipeline(0.0001, {"a": 0.01, "b": 0.01}, {})
 
+    gate: asyncio.Future[None] | None = None
+
     async def call(chosen: list[WorkerInfo], call_id: str, *args: Any, **kwargs: Any) -> tuple[worker_pb2.ForwardResponse, float]:
-        await asyncio.sleep(0.01)
+        assert gate is not None
+        await gate  # both calls wake in the same loop turn: both answers arrive together
         response = worker_pb2.ForwardResponse(output=placement.pack(big, colocated=True, request_id=call_id))
         handles[chosen[0].worker_id] = response.output.shm_handle
         return response, 10.0
@@ -87,6 +90,8 @@ async def test_answers_that_lose_the_race_free_their_shared_memory() -> None:
     pipeline._call = call  # type: ignore[method-assign]
     for _ in range(5):
         handles.clear()
+        gate = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.05, gate.set_result, None)
         response, _, winner = await pipeline._hedged(A, [B], "id", torch.zeros(1), None, "sum", time.monotonic() + 5, set())
         await asyncio.sleep(0.05)  # the loser finishes after the winner returned
         assert set(handles) == {"a", "b"}
@@ -95,3 +100,19 @@ async def test_answers_that_lose_the_race_free_their_shared_memory() -> None:
         assert (shm.SHM_DIR / handles[winner.worker_id]).exists()
         assert not (shm.SHM_DIR / loser).exists(), "the losing answer's segment leaked"
         placement.release(response.output)
+
+
+def test_fixed_hedge_delay_ignores_the_recent_p95() -> None:
+    adaptive = _pipeline(0.001, {}, {})
+    fixed = Pipeline(
+        SimpleNamespace(workers=(A, B)),  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        PipelineSettings(hop_timeout_s=1.0, max_attempts=3, hedge_after_s=0.001, hedge_fixed=True),
+        OutlierDetector(),
+        RetryBudget(),
+    )
+    for pipeline in (adaptive, fixed):
+        for _ in range(20):
+            pipeline._stats("a").observe(0.2, time.monotonic())
+    assert adaptive._hedge_delay(A) == 0.2
+    assert fixed._hedge_delay(A) == 0.001
