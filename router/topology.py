@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 DESCRIBE_TIMEOUT_S = 2.0
 RETRY_UNDESCRIBED_S = 0.5  # endpoints whose Describe failed (e.g. still loading) are retried this often
 REDESCRIBE_S = 3.0  # every described worker is asked again this often (one small unary call each)
+UNLISTED_GRACE_S = 30.0  # a worker discovery stopped listing while it still answers SERVING stays this long
+PROBE_TIMEOUT_S = 0.5
 
 
 class Topology:
@@ -41,6 +43,7 @@ class Topology:
         on_change: Callable[[bool, list[WorkerInfo]], Awaitable[None]] | None = None,
         *,
         redescribe_s: float = REDESCRIBE_S,
+        unlisted_grace_s: float = UNLISTED_GRACE_S,
     ) -> None:
         self.discovery = discovery
         self._pool = pool
@@ -57,6 +60,8 @@ class Topology:
         self._next_redescribe = time.monotonic() + redescribe_s
         self._wake = asyncio.Event()
         self.redescribes = 0  # workers found changed at the same address (metrics, tests)
+        self._unlisted: dict[str, float] = {}  # address -> since when discovery omits it while it still serves
+        self._unlisted_grace_s = unlisted_grace_s
 
     @property
     def workers(self) -> tuple[WorkerInfo, ...]:
@@ -171,6 +176,8 @@ class Topology:
                 if addr not in current or addr in recheck or self._described_from.get(addr) != e]
         described = await asyncio.gather(*(self._describe(e) for e in todo))
         table = {addr: w for addr, w in current.items() if addr in wanted}
+        for addr in await self._still_serving([a for a in current if a not in wanted]):
+            table[addr] = current[addr]
         changed: list[str] = []
         for endpoint, info in zip(todo, described):
             if info is None:  # unreachable or loading: keep what we had; RPC failure detection covers it
@@ -208,6 +215,26 @@ class Topology:
             if self._on_change is not None:
                 await self._on_change(complete, [table[a] for a in added])
             self._changed.set()
+
+    async def _still_serving(self, unlisted: list[str]) -> list[str]:
+        """Workers discovery no longer lists that still answer SERVING, for at most the grace period.
+
+        A Consul agent restarted without its data forgets every service until the workers register
+        again (about a second): dropping them would fail requests they can serve. A worker that leaves
+        on purpose answers NOT_SERVING before it deregisters, so it leaves the table at once.
+        """
+        now = time.monotonic()
+        for addr in set(self._unlisted) - set(unlisted):
+            del self._unlisted[addr]  # listed again, or already dropped
+        candidates = [a for a in unlisted if now - self._unlisted.setdefault(a, now) < self._unlisted_grace_s]
+        serving = await asyncio.gather(*(self._pool.is_serving(a, PROBE_TIMEOUT_S) for a in candidates))
+        kept = [a for a, ok in zip(candidates, serving) if ok]
+        for addr in set(unlisted) - set(kept):
+            self._unlisted.pop(addr, None)
+        if kept:
+            log.warning("discovery no longer lists %s, which still answer SERVING: kept for up to %.0f s",
+                        ", ".join(sorted(kept)), self._unlisted_grace_s)
+        return kept
 
     async def close(self) -> None:
         if self._task is not None:

@@ -48,6 +48,11 @@ class FakePool:
     async def forget(self, address: str) -> None:
         return None
 
+    serving: frozenset[str] = frozenset()  # addresses whose health probe answers SERVING
+
+    async def is_serving(self, address: str, timeout_s: float) -> bool:
+        return address in self.serving
+
 
 def _endpoint(address: str, layers: str) -> Endpoint:
     return Endpoint(address=address, service_id=address, meta=MappingProxyType({"layers": layers}))
@@ -106,3 +111,27 @@ async def test_suspect_and_the_periodic_recheck_describe_again_without_a_discove
         await _until(periodic, {"a:1": (3, 6)}, 2)
     finally:
         await periodic.close()
+
+
+async def test_workers_discovery_forgets_while_they_serve_stay_for_a_grace_period() -> None:
+    """An agent restarted without its data lists nothing until the workers register again: the router keeps
+    the ones that still answer SERVING (a draining worker answers NOT_SERVING and leaves at once)."""
+    discovery, pool = FakeDiscovery(), FakePool()
+    pool.spans = {"a:1": (0, 3), "b:1": (3, 6)}
+    await discovery.publisher.publish((_endpoint("a:1", "0:3"), _endpoint("b:1", "3:6")))
+    topology = Topology(discovery, pool, redescribe_s=0.1, unlisted_grace_s=0.6)
+    await topology.start()
+    try:
+        await _until(topology, {"a:1": (0, 3), "b:1": (3, 6)}, 1)
+        pool.serving = frozenset({"a:1"})  # b is draining
+        await discovery.publisher.publish(())  # the agent forgot both
+        await _until(topology, {"a:1": (0, 3)}, 1)
+        await asyncio.sleep(0.3)
+        assert [w.address for w in topology.workers] == ["a:1"]  # still kept, within the grace period
+        await discovery.publisher.publish((_endpoint("a:1", "0:3"), _endpoint("b:1", "3:6")))  # registered again
+        await _until(topology, {"a:1": (0, 3), "b:1": (3, 6)}, 1)
+        await discovery.publisher.publish((_endpoint("b:1", "3:6"),))
+        await _until(topology, {"a:1": (0, 3), "b:1": (3, 6)}, 1)
+        await _until(topology, {"b:1": (3, 6)}, 2)  # a never came back: dropped once the grace ran out
+    finally:
+        await topology.close()
