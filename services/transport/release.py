@@ -12,8 +12,9 @@ from services.wire import placement
 
 
 def release_request(request: worker_pb2.ForwardRequest) -> None:
+    """A received request dropped unanswered: its input segment, if it really is this request's."""
     if request.HasField("input"):
-        placement.release(request.input)
+        placement.release_unread(request.input, request.request_id)
 
 
 def release_response(response: worker_pb2.ForwardResponse) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from services.errors import InvalidArgument
 from services.gen.shardmesh.v1 import tensor_pb2
 from services.wire import codec, shm
 
@@ -51,6 +52,17 @@ def unpack(
 
 
 def release(msg: tensor_pb2.Tensor) -> None:
-    """Frees the segment of a message that will never be read (a failed, cancelled or abandoned send)."""
+    """Frees the segment of a message that will never be read (a failed, cancelled or abandoned send, or
+    a peer's answer nobody takes). A handle that is not a valid segment name holds nothing to free."""
     if msg.shm_handle:
-        shm.discard(msg.shm_handle)
+        try:
+            shm.discard(msg.shm_handle)
+        except InvalidArgument:
+            pass
+
+
+def release_unread(msg: tensor_pb2.Tensor, request_id: str) -> None:
+    """Frees the segment of a received request that was dropped unread, only if it was made for that
+    request (see :func:`shm.discard_unread`): what a caller names is never deleted on its word alone."""
+    if msg.shm_handle:
+        shm.discard_unread(msg.shm_handle, request_id)

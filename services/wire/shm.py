@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from services.errors import ConfigError, InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
+from services.errors import ConfigError, InvalidArgument, PermissionDenied, ResourceExhausted, ShardmeshError, Unavailable
 from services.gen.shardmesh.v1 import tensor_pb2
 from services.net import split_host_port
 from services.wire import codec
@@ -332,6 +332,30 @@ def _read_payload(
 def discard(name: str) -> None:
     """Unlinks a segment if it still exists; for sends that failed or were abandoned before the peer read it."""
     _unlink(validate_name(name, field="shm_handle"))
+
+
+def discard_unread(name: str, request_id: str) -> bool:
+    """Unlinks a segment a caller handed over that was never read (its request was dropped unanswered),
+    but only one made for ``request_id`` by a peer of this mesh: a caller can never make this process
+    delete anything else. Never raises; returns whether a segment was removed."""
+    if not _NAME_RE.fullmatch(name):
+        return False
+    try:
+        fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return False
+        try:
+            _claim(fd, st.st_size, name, field="input", request_id=request_id)
+        except ShardmeshError:
+            return False
+    finally:
+        os.close(fd)
+    _unlink(name)
+    return True
 
 
 def sweep_own() -> int:

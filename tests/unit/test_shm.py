@@ -315,3 +315,21 @@ def test_another_user_can_neither_list_nor_open_segments() -> None:
     out = subprocess.run(["/bin/sh", "-c", probe], user=65534, group=65534, capture_output=True, text=True, timeout=30)
     assert out.stdout.split() == ["denied", "denied"], out.stderr
     shm.discard(name)
+
+
+def test_a_dropped_request_frees_only_its_own_segment() -> None:
+    """A stream server frees the input of a request it dropped unanswered (stream ended): only when the
+    segment was made for that request. A caller naming someone else's segment cannot get it deleted, and a
+    handle that is not a segment name at all is ignored (it used to escape the stream as UNKNOWN)."""
+    from services.gen.shardmesh.v1 import worker_pb2
+    from services.transport.release import release_request
+
+    victim = tensor_pb2.Tensor()
+    shm.export_tensor(torch.ones(1024), victim, request_id="victim")
+    hostile = worker_pb2.ForwardRequest(request_id="attacker", input=victim)
+    release_request(hostile)
+    assert (shm.SHM_DIR / victim.shm_handle).exists(), "a caller got another request's segment deleted"
+    for bogus in ("shardmesh-../../tmp/x", "not-a-segment", "shardmesh-1-" + "0" * 32):
+        release_request(worker_pb2.ForwardRequest(request_id="r", input=tensor_pb2.Tensor(shm_handle=bogus)))
+    release_request(worker_pb2.ForwardRequest(request_id="victim", input=victim))
+    assert not (shm.SHM_DIR / victim.shm_handle).exists()
