@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from services.errors import ConfigError
 from services.layers import LayerSpan
+from services.localmesh.spec import read_yaml
 
 PROCESS_FAULTS = frozenset({"kill", "hang", "restart", "slow"})
 ERROR_FAULTS = frozenset({"error"})
@@ -334,12 +333,4 @@ def parse_scenario(data: Any, *, source: str = "scenario") -> Scenario:
 
 def load_scenario(path: str | Path) -> Scenario:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_scenario(data, source=str(path))
+    return parse_scenario(read_yaml(path), source=str(path))

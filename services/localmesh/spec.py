@@ -128,14 +128,18 @@ def _check_layout(workers: list[WorkerSpec], source: str) -> None:
         expected = span.end
 
 
-def load_spec(path: str | Path) -> MeshSpec:
-    path = Path(path)
+def read_yaml(path: Path) -> Any:
+    """A YAML file's data; unreadable or malformed files are ConfigErrors naming the file."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_spec(data, source=str(path))
+
+
+def load_spec(path: str | Path) -> MeshSpec:
+    path = Path(path)
+    return parse_spec(read_yaml(path), source=str(path))
