@@ -17,18 +17,11 @@ from services.client import AsyncRouterClient
 from services.errors import Unavailable
 from services.localmesh.launcher import LocalMesh
 from services.localmesh.spec import parse_spec
+from services.chaos.references import TEXTS
 from services.models.registry import resolve_model
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.consul, pytest.mark.slow]
 
-TEXTS = [
-    "The router keeps each stage's input until the stage answers.",
-    "A hung worker keeps its socket open and answers nothing.",
-    "Consul is the slower, authoritative view of which workers live.",
-    "Failover must not recompute what upstream stages already did.",
-    "short",
-    "Every output must equal the single-process reference bit for bit.",
-]
 ROUTER_ARGS = ["--hop-timeout-ms", "1000", "--eject-after-failures", "2", "--eject-base-s", "5"]
 
 
