@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.gen.shardmesh.v1 import tensor_pb2 as shardmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardmesh/v1/router.proto\x12\x0cshardmesh.v1\x1a\x19shardmesh/v1/tensor.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xf1\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\x06tokens\x18\x03 \x01(\x0b\x32\x16.shardmesh.v1.TokenIdsH\x00\x12&\n\x06tensor\x18\x04 \x01(\x0b\x32\x14.shardmesh.v1.TensorH\x00\x12,\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12 \n\x04mode\x18\x06 \x01(\x0e\x32\x12.shardmesh.v1.Mode\x12\x12\n\ntimeout_ms\x18\x07 \x01(\rB\x07\n\x05input\"\xe9\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06output\x18\x02 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12\r\n\x05route\x18\x03 \x03(\t\x12%\n\x04hops\x18\x04 \x03(\x0b\x32\x17.shardmesh.v1.HopRecord\x12 \n\x04mode\x18\x05 \x01(\x0e\x32\x12.shardmesh.v1.Mode\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\x12\"\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x13.shardmesh.v1.Error\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\r\"\xa6\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\x06tokens\x18\x03 \x01(\x0b\x32\x16.shardmesh.v1.TokenIdsH\x00\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\t \x03(\x03\x12\x14\n\x0cstop_strings\x18\n \x03(\t\x12 \n\x04mode\x18\x0b \x01(\x0e\x32\x12.shardmesh.v1.Mode\x12\x12\n\nsession_id\x18\x0c \x01(\tB\x08\n\x06prompt\"\xa7\x01\n\x0fGenerateSummary\x12\x13\n\x0btoken_count\x18\x01 \x01(\r\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x03 \x01(\x01\x12\r\n\x05route\x18\x04 \x03(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x11\n\ttoken_ids\x18\x07 \x03(\x03\x12\x11\n\tfailovers\x18\x08 \x01(\r\"y\n\rGenerateEvent\x12-\n\x05token\x18\x01 \x01(\x0b\x32\x1c.shardmesh.v1.GeneratedTokenH\x00\x12\x30\n\x07summary\x18\x02 \x01(\x0b\x32\x1d.shardmesh.v1.GenerateSummaryH\x00\x42\x07\n\x05\x65vent\"?\n\x0eGeneratedToken\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\"\x11\n\x0fTopologyRequest\"\xac\x01\n\nWorkerView\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12(\n\x06layers\x18\x03 \x01(\x0b\x32\x18.shardmesh.v1.LayerRange\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x18\n\x10weights_checksum\x18\x05 \x01(\t\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\x12\x13\n\x0boutstanding\x18\x07 \x01(\r\"\x9a\x01\n\x10TopologyResponse\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.shardmesh.v1.WorkerView\x12%\n\x05route\x18\x02 \x03(\x0b\x32\x16.shardmesh.v1.RouteHop\x12\x11\n\tdiscovery\x18\x03 \x01(\t\x12\x10\n\x08\x63omplete\x18\x04 \x01(\x08\x12\x0f\n\x07problem\x18\x05 \x01(\t2\xab\x02\n\x06Router\x12@\n\x05Infer\x12\x1a.shardmesh.v1.InferRequest\x1a\x1b.shardmesh.v1.InferResponse\x12J\n\x0bInferStream\x12\x1a.shardmesh.v1.InferRequest\x1a\x1b.shardmesh.v1.InferResponse(\x01\x30\x01\x12H\n\x08Generate\x12\x1d.shardmesh.v1.GenerateRequest\x1a\x1b.shardmesh.v1.GenerateEvent0\x01\x12I\n\x08Topology\x12\x1d.shardmesh.v1.TopologyRequest\x1a\x1e.shardmesh.v1.TopologyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardmesh/v1/router.proto\x12\x0cshardmesh.v1\x1a\x19shardmesh/v1/tensor.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x83\x02\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\x06tokens\x18\x03 \x01(\x0b\x32\x16.shardmesh.v1.TokenIdsH\x00\x12&\n\x06tensor\x18\x04 \x01(\x0b\x32\x14.shardmesh.v1.TensorH\x00\x12,\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12 \n\x04mode\x18\x06 \x01(\x0e\x32\x12.shardmesh.v1.Mode\x12\x12\n\ntimeout_ms\x18\x07 \x01(\r\x12\x10\n\x08priority\x18\x08 \x01(\rB\x07\n\x05input\"\xe9\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06output\x18\x02 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12\r\n\x05route\x18\x03 \x03(\t\x12%\n\x04hops\x18\x04 \x03(\x0b\x32\x17.shardmesh.v1.HopRecord\x12 \n\x04mode\x18\x05 \x01(\x0e\x32\x12.shardmesh.v1.Mode\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\x12\"\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x13.shardmesh.v1.Error\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\r\"\xb8\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\x06tokens\x18\x03 \x01(\x0b\x32\x16.shardmesh.v1.TokenIdsH\x00\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\t \x03(\x03\x12\x14\n\x0cstop_strings\x18\n \x03(\t\x12 \n\x04mode\x18\x0b \x01(\x0e\x32\x12.shardmesh.v1.Mode\x12\x12\n\nsession_id\x18\x0c \x01(\t\x12\x10\n\x08priority\x18\r \x01(\rB\x08\n\x06prompt\"\xa7\x01\n\x0fGenerateSummary\x12\x13\n\x0btoken_count\x18\x01 \x01(\r\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x03 \x01(\x01\x12\r\n\x05route\x18\x04 \x03(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x11\n\ttoken_ids\x18\x07 \x03(\x03\x12\x11\n\tfailovers\x18\x08 \x01(\r\"y\n\rGenerateEvent\x12-\n\x05token\x18\x01 \x01(\x0b\x32\x1c.shardmesh.v1.GeneratedTokenH\x00\x12\x30\n\x07summary\x18\x02 \x01(\x0b\x32\x1d.shardmesh.v1.GenerateSummaryH\x00\x42\x07\n\x05\x65vent\"?\n\x0eGeneratedToken\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\"\x11\n\x0fTopologyRequest\"\xac\x01\n\nWorkerView\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12(\n\x06layers\x18\x03 \x01(\x0b\x32\x18.shardmesh.v1.LayerRange\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x18\n\x10weights_checksum\x18\x05 \x01(\t\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\x12\x13\n\x0boutstanding\x18\x07 \x01(\r\"\x9a\x01\n\x10TopologyResponse\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.shardmesh.v1.WorkerView\x12%\n\x05route\x18\x02 \x03(\x0b\x32\x16.shardmesh.v1.RouteHop\x12\x11\n\tdiscovery\x18\x03 \x01(\t\x12\x10\n\x08\x63omplete\x18\x04 \x01(\x08\x12\x0f\n\x07problem\x18\x05 \x01(\t2\xab\x02\n\x06Router\x12@\n\x05Infer\x12\x1a.shardmesh.v1.InferRequest\x1a\x1b.shardmesh.v1.InferResponse\x12J\n\x0bInferStream\x12\x1a.shardmesh.v1.InferRequest\x1a\x1b.shardmesh.v1.InferResponse(\x01\x30\x01\x12H\n\x08Generate\x12\x1d.shardmesh.v1.GenerateRequest\x1a\x1b.shardmesh.v1.GenerateEvent0\x01\x12I\n\x08Topology\x12\x1d.shardmesh.v1.TopologyRequest\x1a\x1e.shardmesh.v1.TopologyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,23 +35,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=70
   _globals['_TOKENIDS']._serialized_end=93
   _globals['_INFERREQUEST']._serialized_start=96
-  _globals['_INFERREQUEST']._serialized_end=337
-  _globals['_INFERRESPONSE']._serialized_start=340
-  _globals['_INFERRESPONSE']._serialized_end=573
-  _globals['_GENERATEREQUEST']._serialized_start=576
-  _globals['_GENERATEREQUEST']._serialized_end=870
-  _globals['_GENERATESUMMARY']._serialized_start=873
-  _globals['_GENERATESUMMARY']._serialized_end=1040
-  _globals['_GENERATEEVENT']._serialized_start=1042
-  _globals['_GENERATEEVENT']._serialized_end=1163
-  _globals['_GENERATEDTOKEN']._serialized_start=1165
-  _globals['_GENERATEDTOKEN']._serialized_end=1228
-  _globals['_TOPOLOGYREQUEST']._serialized_start=1230
-  _globals['_TOPOLOGYREQUEST']._serialized_end=1247
-  _globals['_WORKERVIEW']._serialized_start=1250
-  _globals['_WORKERVIEW']._serialized_end=1422
-  _globals['_TOPOLOGYRESPONSE']._serialized_start=1425
-  _globals['_TOPOLOGYRESPONSE']._serialized_end=1579
-  _globals['_ROUTER']._serialized_start=1582
-  _globals['_ROUTER']._serialized_end=1881
+  _globals['_INFERREQUEST']._serialized_end=355
+  _globals['_INFERRESPONSE']._serialized_start=358
+  _globals['_INFERRESPONSE']._serialized_end=591
+  _globals['_GENERATEREQUEST']._serialized_start=594
+  _globals['_GENERATEREQUEST']._serialized_end=906
+  _globals['_GENERATESUMMARY']._serialized_start=909
+  _globals['_GENERATESUMMARY']._serialized_end=1076
+  _globals['_GENERATEEVENT']._serialized_start=1078
+  _globals['_GENERATEEVENT']._serialized_end=1199
+  _globals['_GENERATEDTOKEN']._serialized_start=1201
+  _globals['_GENERATEDTOKEN']._serialized_end=1264
+  _globals['_TOPOLOGYREQUEST']._serialized_start=1266
+  _globals['_TOPOLOGYREQUEST']._serialized_end=1283
+  _globals['_WORKERVIEW']._serialized_start=1286
+  _globals['_WORKERVIEW']._serialized_end=1458
+  _globals['_TOPOLOGYRESPONSE']._serialized_start=1461
+  _globals['_TOPOLOGYRESPONSE']._serialized_end=1615
+  _globals['_ROUTER']._serialized_start=1618
+  _globals['_ROUTER']._serialized_end=1917
 # @@protoc_insertion_point(module_scope)

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardmesh/v1/tensor.proto\x12\x0cshardmesh.v1\"\x87\x01\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.shardmesh.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0b\x63hunk_count\x18\x04 \x01(\r\x12\x13\n\x0b\x63hunk_index\x18\x05 \x01(\r\x12\x12\n\nshm_handle\x18\x06 \x01(\t\"(\n\nLayerRange\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"X\n\x08RouteHop\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12(\n\x06layers\x18\x03 \x01(\x0b\x32\x18.shardmesh.v1.LayerRange\"\xd7\x01\n\tHopRecord\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12(\n\x06layers\x18\x02 \x01(\x0b\x32\x18.shardmesh.v1.LayerRange\x12$\n\x06source\x18\x03 \x01(\x0e\x32\x14.shardmesh.v1.Source\x12\x18\n\x10source_worker_id\x18\x04 \x01(\t\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\x12\x0e\n\x06hop_ms\x18\x06 \x01(\x01\x12\x10\n\x08queue_ms\x18\x07 \x01(\x01\x12\x17\n\x0finput_transport\x18\x08 \x01(\t\"\xb6\x01\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x18\n\x10\x66\x61iled_worker_id\x18\x03 \x01(\t\x12\x16\n\x0e\x66\x61iled_address\x18\x04 \x01(\t\x12/\n\rfailed_layers\x18\x05 \x01(\x0b\x32\x18.shardmesh.v1.LayerRange\x12+\n\rpending_input\x18\x06 \x01(\x0b\x32\x14.shardmesh.v1.Tensor*\xae\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06\x12\x0e\n\nDTYPE_BOOL\x10\x07\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x08*=\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMODE_DIRECT\x10\x01\x12\x0e\n\nMODE_RELAY\x10\x02*O\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x11\n\rSOURCE_ROUTER\x10\x01\x12\x1a\n\x16SOURCE_UPSTREAM_WORKER\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardmesh/v1/tensor.proto\x12\x0cshardmesh.v1\"\x87\x01\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.shardmesh.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0b\x63hunk_count\x18\x04 \x01(\r\x12\x13\n\x0b\x63hunk_index\x18\x05 \x01(\r\x12\x12\n\nshm_handle\x18\x06 \x01(\t\"(\n\nLayerRange\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"X\n\x08RouteHop\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12(\n\x06layers\x18\x03 \x01(\x0b\x32\x18.shardmesh.v1.LayerRange\"\xeb\x01\n\tHopRecord\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12(\n\x06layers\x18\x02 \x01(\x0b\x32\x18.shardmesh.v1.LayerRange\x12$\n\x06source\x18\x03 \x01(\x0e\x32\x14.shardmesh.v1.Source\x12\x18\n\x10source_worker_id\x18\x04 \x01(\t\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\x12\x0e\n\x06hop_ms\x18\x06 \x01(\x01\x12\x10\n\x08queue_ms\x18\x07 \x01(\x01\x12\x17\n\x0finput_transport\x18\x08 \x01(\t\x12\x12\n\nbatch_size\x18\t \x01(\r\"\xb6\x01\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x18\n\x10\x66\x61iled_worker_id\x18\x03 \x01(\t\x12\x16\n\x0e\x66\x61iled_address\x18\x04 \x01(\t\x12/\n\rfailed_layers\x18\x05 \x01(\x0b\x32\x18.shardmesh.v1.LayerRange\x12+\n\rpending_input\x18\x06 \x01(\x0b\x32\x14.shardmesh.v1.Tensor*\xae\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06\x12\x0e\n\nDTYPE_BOOL\x10\x07\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x08*=\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMODE_DIRECT\x10\x01\x12\x0e\n\nMODE_RELAY\x10\x02*O\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x11\n\rSOURCE_ROUTER\x10\x01\x12\x1a\n\x16SOURCE_UPSTREAM_WORKER\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardmesh.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=717
-  _globals['_DTYPE']._serialized_end=891
-  _globals['_MODE']._serialized_start=893
-  _globals['_MODE']._serialized_end=954
-  _globals['_SOURCE']._serialized_start=956
-  _globals['_SOURCE']._serialized_end=1035
+  _globals['_DTYPE']._serialized_start=737
+  _globals['_DTYPE']._serialized_end=911
+  _globals['_MODE']._serialized_start=913
+  _globals['_MODE']._serialized_end=974
+  _globals['_SOURCE']._serialized_start=976
+  _globals['_SOURCE']._serialized_end=1055
   _globals['_TENSOR']._serialized_start=44
   _globals['_TENSOR']._serialized_end=179
   _globals['_LAYERRANGE']._serialized_start=181
@@ -44,7 +44,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTEHOP']._serialized_start=223
   _globals['_ROUTEHOP']._serialized_end=311
   _globals['_HOPRECORD']._serialized_start=314
-  _globals['_HOPRECORD']._serialized_end=529
-  _globals['_ERROR']._serialized_start=532
-  _globals['_ERROR']._serialized_end=714
+  _globals['_HOPRECORD']._serialized_end=549
+  _globals['_ERROR']._serialized_start=552
+  _globals['_ERROR']._serialized_end=734
 # @@protoc_insertion_point(module_scope)

@@ -81,7 +81,7 @@ class RouteHop(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ...) -> None: ...
 
 class HopRecord(_message.Message):
-    __slots__ = ("worker_id", "layers", "source", "source_worker_id", "compute_ms", "hop_ms", "queue_ms", "input_transport")
+    __slots__ = ("worker_id", "layers", "source", "source_worker_id", "compute_ms", "hop_ms", "queue_ms", "input_transport", "batch_size")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class HopRecord(_message.Message):
     HOP_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     INPUT_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     layers: LayerRange
     source: Source
@@ -98,7 +99,8 @@ class HopRecord(_message.Message):
     hop_ms: float
     queue_ms: float
     input_transport: str
-    def __init__(self, worker_id: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., source: _Optional[_Union[Source, str]] = ..., source_worker_id: _Optional[str] = ..., compute_ms: _Optional[float] = ..., hop_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., input_transport: _Optional[str] = ...) -> None: ...
+    batch_size: int
+    def __init__(self, worker_id: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., source: _Optional[_Union[Source, str]] = ..., source_worker_id: _Optional[str] = ..., compute_ms: _Optional[float] = ..., hop_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., input_transport: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "failed_worker_id", "failed_address", "failed_layers", "pending_input")

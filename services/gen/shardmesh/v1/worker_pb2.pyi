@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("request_id", "input", "attention_mask", "layers", "model_checksum", "timeout_ms", "cancel", "downstream", "mode", "source", "source_worker_id", "upstream_hops", "session_id", "position", "session_ttl_s", "return_logits_only_last", "reply_shm", "reply_dtype", "hop_timeout_ms", "route_mac", "route_expires_ms", "session_key")
+    __slots__ = ("request_id", "input", "attention_mask", "layers", "model_checksum", "timeout_ms", "cancel", "downstream", "mode", "source", "source_worker_id", "upstream_hops", "session_id", "position", "session_ttl_s", "return_logits_only_last", "reply_shm", "reply_dtype", "hop_timeout_ms", "route_mac", "route_expires_ms", "session_key", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class ForwardRequest(_message.Message):
     ROUTE_MAC_FIELD_NUMBER: _ClassVar[int]
     ROUTE_EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
     SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input: _tensor_pb2.Tensor
     attention_mask: _tensor_pb2.Tensor
@@ -53,7 +54,8 @@ class ForwardRequest(_message.Message):
     route_mac: bytes
     route_expires_ms: int
     session_key: bytes
-    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., layers: _Optional[_Union[_tensor_pb2.LayerRange, _Mapping]] = ..., model_checksum: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., cancel: _Optional[bool] = ..., downstream: _Optional[_Iterable[_Union[_tensor_pb2.RouteHop, _Mapping]]] = ..., mode: _Optional[_Union[_tensor_pb2.Mode, str]] = ..., source: _Optional[_Union[_tensor_pb2.Source, str]] = ..., source_worker_id: _Optional[str] = ..., upstream_hops: _Optional[_Iterable[_Union[_tensor_pb2.HopRecord, _Mapping]]] = ..., session_id: _Optional[str] = ..., position: _Optional[int] = ..., session_ttl_s: _Optional[int] = ..., return_logits_only_last: _Optional[bool] = ..., reply_shm: _Optional[bool] = ..., reply_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., hop_timeout_ms: _Optional[int] = ..., route_mac: _Optional[bytes] = ..., route_expires_ms: _Optional[int] = ..., session_key: _Optional[bytes] = ...) -> None: ...
+    priority: int
+    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., layers: _Optional[_Union[_tensor_pb2.LayerRange, _Mapping]] = ..., model_checksum: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., cancel: _Optional[bool] = ..., downstream: _Optional[_Iterable[_Union[_tensor_pb2.RouteHop, _Mapping]]] = ..., mode: _Optional[_Union[_tensor_pb2.Mode, str]] = ..., source: _Optional[_Union[_tensor_pb2.Source, str]] = ..., source_worker_id: _Optional[str] = ..., upstream_hops: _Optional[_Iterable[_Union[_tensor_pb2.HopRecord, _Mapping]]] = ..., session_id: _Optional[str] = ..., position: _Optional[int] = ..., session_ttl_s: _Optional[int] = ..., return_logits_only_last: _Optional[bool] = ..., reply_shm: _Optional[bool] = ..., reply_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., hop_timeout_ms: _Optional[int] = ..., route_mac: _Optional[bytes] = ..., route_expires_ms: _Optional[int] = ..., session_key: _Optional[bytes] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("request_id", "output", "hops", "error")
@@ -72,20 +74,24 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Capacity(_message.Message):
-    __slots__ = ("max_inflight", "inflight", "cache_budget_bytes", "cache_used_bytes", "sessions", "max_tensor_bytes")
+    __slots__ = ("max_inflight", "inflight", "cache_budget_bytes", "cache_used_bytes", "sessions", "max_tensor_bytes", "speed", "memory_bytes")
     MAX_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     CACHE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHE_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_TENSOR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SPEED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_inflight: int
     inflight: int
     cache_budget_bytes: int
     cache_used_bytes: int
     sessions: int
     max_tensor_bytes: int
-    def __init__(self, max_inflight: _Optional[int] = ..., inflight: _Optional[int] = ..., cache_budget_bytes: _Optional[int] = ..., cache_used_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., max_tensor_bytes: _Optional[int] = ...) -> None: ...
+    speed: float
+    memory_bytes: int
+    def __init__(self, max_inflight: _Optional[int] = ..., inflight: _Optional[int] = ..., cache_budget_bytes: _Optional[int] = ..., cache_used_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., max_tensor_bytes: _Optional[int] = ..., speed: _Optional[float] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
     __slots__ = ("worker_id", "model_id", "architecture", "layers", "total_layers", "dtype", "weights_checksum", "version", "capacity", "state", "address", "hidden_size")
