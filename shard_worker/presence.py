@@ -14,10 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
+
+import aiohttp
+import consul.aio
+import consul.base
 
 from services.config import ConsulRegistration
+from services.discovery.consul_client import make_client
 from services.discovery.registration import ConsulAclRefused, ConsulRegistrar, worker_meta
-from services.errors import ShardmeshError
+from services.errors import ShardmeshError, Unavailable
 from services.models.base import ModelSource
 from services.layers import LayerSpan
 from services.net import split_host_port
@@ -29,6 +35,7 @@ RETRY_MAX_S = 10.0
 ACL_RETRY_S = 30.0
 CHECK_INTERVAL_S = 1.0  # the agent's gRPC probe period
 TTL_S = 6.0  # TTL of the TTL check; heartbeats go every TTL / 3
+PEERS_TIMEOUT_S = 5.0  # listing the other workers for --layers auto
 RESYNC_S = CHECK_INTERVAL_S  # a gRPC-checked worker asks its agent whether it still knows it this often
 
 
@@ -44,6 +51,7 @@ class ConsulPresence:
         max_inflight: int,
         health_listen: str | None = None,
         tls: bool = False,
+        extra_meta: Mapping[str, str] | None = None,
     ) -> None:
         host, port = split_host_port(advertise, what="advertised address")
         # With TLS, the agent probes the plaintext health-only listener when there is one.
@@ -55,7 +63,7 @@ class ConsulPresence:
             address=host,
             port=port,
             tags=("shardmesh", f"layers-{span.start}-{span.end}", *config.tags),
-            meta=worker_meta(source.model_id, span, source.total_layers, source.checksum, max_inflight),
+            meta=worker_meta(source.model_id, span, source.total_layers, source.checksum, max_inflight, extra=extra_meta),
             check=config.check,  # type: ignore[arg-type]
             interval_s=CHECK_INTERVAL_S,
             ttl_s=TTL_S,
@@ -66,6 +74,27 @@ class ConsulPresence:
         self._task: asyncio.Task[None] | None = None
         self.registered = asyncio.Event()
         self.registrar = self._registrar
+        self._config = config
+        self._source = source
+        self._max_inflight = max_inflight
+        self._extra_meta = dict(extra_meta or {})
+        self._peers_client: consul.aio.Consul | None = None
+
+    async def move_to(self, span: LayerSpan) -> None:
+        """Registers again with a new layer range (same service ID): routers see the Meta change and
+        describe this worker again. Raises ShardmeshError when the agent refuses."""
+        meta = worker_meta(self._source.model_id, span, self._source.total_layers, self._source.checksum,
+                           self._max_inflight, extra=self._extra_meta)
+        # The registrar keeps its registration as given at start; a move replaces both (same ID, same check).
+        self._registrar._meta = meta  # noqa: SLF001 - see docs/placement.md (moves re-register in place)
+        self._registrar._tags = ["shardmesh", f"layers-{span.start}-{span.end}", *self._config.tags]  # noqa: SLF001
+        await self._registrar.register()
+
+    async def peers(self) -> list[tuple[str, dict[str, str]]]:
+        """(service ID, Meta) of every passing instance of this service, this worker included."""
+        if self._peers_client is None:
+            self._peers_client = make_client(self._config.agent, http_timeout_s=PEERS_TIMEOUT_S)
+        return await _list_passing(self._peers_client, self._config.service)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._register_until_done(), name="consul-register")
@@ -97,3 +126,22 @@ class ConsulPresence:
         if self.registered.is_set():
             await self._registrar.deregister()
         await self._registrar.close()
+        if self._peers_client is not None:
+            await self._peers_client.close()
+
+
+async def list_peers(config: ConsulRegistration) -> list[tuple[str, dict[str, str]]]:
+    """(service ID, Meta) of every passing instance, before this worker has a presence (placement at start)."""
+    client = make_client(config.agent, http_timeout_s=PEERS_TIMEOUT_S)
+    try:
+        return await _list_passing(client, config.service)
+    finally:
+        await client.close()
+
+
+async def _list_passing(client: consul.aio.Consul, service: str) -> list[tuple[str, dict[str, str]]]:
+    try:
+        _, entries = await asyncio.wait_for(client.health.service(service, passing=True), PEERS_TIMEOUT_S)
+    except (asyncio.TimeoutError, consul.base.ConsulException, OSError, aiohttp.ClientError) as exc:
+        raise Unavailable(f"cannot list {service} instances from Consul: {exc}") from None
+    return [(e["Service"]["ID"], dict(e["Service"].get("Meta") or {})) for e in entries or ()]

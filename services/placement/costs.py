@@ -112,3 +112,16 @@ def stage_output_bytes(costs: ModelCosts, end: int) -> int:
 
 def speeds_of(workers: Sequence[WorkerCapacity]) -> list[float]:
     return [w.speed for w in workers]
+
+
+# Consul service Meta keys a worker adds for placement (beside services/discovery/registration.py's own).
+META_SPEED = "speed"
+META_MEMORY_BYTES = "memory_bytes"
+META_AUTO = "auto_layers"  # "1" when the worker places itself (--layers auto) and may move
+
+
+def capacity_meta(speed: float, memory_bytes: int, auto: bool = False) -> dict[str, str]:
+    meta = {META_SPEED: f"{speed:.4g}", META_MEMORY_BYTES: str(int(memory_bytes))}
+    if auto:
+        meta[META_AUTO] = "1"
+    return meta
