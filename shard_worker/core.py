@@ -169,13 +169,15 @@ class WorkerCore:
             )
             compute_ms, queue_ms = 1000 * (time.monotonic() - started), 0.0
             output, output_tensor = finish(out)
+            batch_size = 1
         else:
             # Forward and serialisation both run in the compute thread: large copies stay off the event loop.
-            result = await self.engine.run(
-                lambda: finish(stage.forward(inputs.x, inputs.attention_mask)), deadline, work=tuple(inputs.x.shape[:2])
+            # The forward may be shared with other queued requests (dynamic batching, see engine.py).
+            result = await self.engine.forward(
+                inputs.x, inputs.attention_mask, finish, deadline, priority=request.priority
             )
             output, output_tensor = result.value  # type: ignore[misc]
-            compute_ms, queue_ms = result.compute_ms, result.queue_ms
+            compute_ms, queue_ms, batch_size = result.compute_ms, result.queue_ms, result.batch_size
         record = tensor_pb2.HopRecord(
             worker_id=self.worker_id,
             layers=tensor_pb2.LayerRange(start=span.start, end=span.end),
@@ -184,6 +186,7 @@ class WorkerCore:
             compute_ms=compute_ms,
             queue_ms=queue_ms,
             input_transport="shm" if request.input.shm_handle else "inline",
+            batch_size=batch_size,
         )
         if request.downstream and self.relay is not None:  # authorised above
             return await self.relay.forward(request, output, output_tensor, record, deadline)
