@@ -25,6 +25,7 @@ from services.security.mesh_key import load_mesh_key
 from services.wire import codec, shm
 from router.core import RouterCore
 from router.generation import GenerationService
+from router.oip import OIP_METHODS, OIP_SERVICE_NAME, OipServicer, add_oip_servicer
 from router.peers import WorkerPool
 from router.pipeline import Pipeline, PipelineSettings
 from router.planning.outlier import OutlierConfig, OutlierDetector
@@ -66,7 +67,7 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None, fault_
         shm.sweep_dead()  # segments of routers and workers that died on this host (e.g. SIGKILL)
     interceptors: list[grpc.aio.ServerInterceptor] = []
     auth = build_client_auth(
-        config.auth_tokens_file, config.tls.verifies_clients, config.rate_limit_rps, ROUTER_METHODS
+        config.auth_tokens_file, config.tls.verifies_clients, config.rate_limit_rps, ROUTER_METHODS + OIP_METHODS
     )
     if auth is not None:  # first: nothing else runs for a caller it refuses
         interceptors.append(auth)
@@ -75,7 +76,7 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None, fault_
 
         interceptors.append(FaultInjectionInterceptor(fault_injection))
     lifecycle = ServerLifecycle(
-        "router", [SERVICE_NAME], config.tls, interceptors=interceptors,
+        "router", [SERVICE_NAME, OIP_SERVICE_NAME], config.tls, interceptors=interceptors,
         # calls and streams are admitted separately (health never refused): at most --max-inflight streams
         max_concurrent_rpcs=config.max_inflight + RPC_HEADROOM, max_streams=config.max_inflight,
         max_receive_bytes=max_request_bytes(config.max_tensor_bytes, config.max_text_bytes),
@@ -127,6 +128,12 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None, fault_
     add_parsing_servicer(
         router_pb2_grpc.add_RouterServicer_to_server, servicer, lifecycle.server,
         {"Infer": router_pb2.InferRequest, "InferStream": router_pb2.InferRequest},
+    )
+    # Open Inference Protocol (KServe v2 + Triton's ModelStreamInfer) beside shardmesh.v1.Router: router/oip.py
+    add_oip_servicer(
+        OipServicer(core, configured_model=config.model, max_text_bytes=config.max_text_bytes,
+                    max_stream_pending=config.max_inflight, charge_stream_request=charge),
+        lifecycle.server,
     )
     await lifecycle.start(config.listen)
     if config.health_listen:

@@ -18,7 +18,10 @@ PROTO_ROOT = REPO_ROOT / "protos"
 GEN_ROOT = REPO_ROOT / "services" / "gen"
 PACKAGE = "services.gen"
 
-_IMPORT_RE = re.compile(r"^from shardmesh\.v1 import", re.MULTILINE)
+# Generated modules import their siblings by proto package path (``from shardmesh.v1 import ...``,
+# ``from inference import ...``); rewritten to live under services.gen.
+_PROTO_PACKAGES = ("shardmesh.v1", "inference")
+_IMPORT_RE = re.compile(r"^from (" + "|".join(re.escape(p) for p in _PROTO_PACKAGES) + r") import", re.MULTILINE)
 
 
 def _proto_files() -> list[Path]:
@@ -46,7 +49,7 @@ def generate(out_dir: Path) -> list[Path]:
     written: list[Path] = []
     for path in sorted(out_dir.rglob("*.py*")):
         text = path.read_text()
-        path.write_text(_IMPORT_RE.sub(f"from {PACKAGE}.shardmesh.v1 import", text))
+        path.write_text(_IMPORT_RE.sub(rf"from {PACKAGE}.\1 import", text))
         written.append(path)
     for pkg in {out_dir, *[p.parent for p in written]}:
         for parent in [pkg, *pkg.parents]:

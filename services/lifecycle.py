@@ -16,10 +16,11 @@ from collections.abc import Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from services.errors import ConfigError
-from services.transport.admission import AdmissionInterceptor
+from services.reflection import V1_METHOD as REFLECTION_V1_METHOD
+from services.reflection import enable_reflection
+from services.transport.admission import INTROSPECTION, AdmissionInterceptor
 from services.transport.raw import add_parsing_servicer
 from services.net import TlsFiles, join_host_port, server_options, split_host_port
 
@@ -78,7 +79,10 @@ class ServerLifecycle:
         # outer bound on everything at once.
         outer_cap = None
         if max_concurrent_rpcs is not None:
-            interceptors = (*interceptors, AdmissionInterceptor(max_concurrent_rpcs, max_streams))
+            interceptors = (
+                *interceptors,
+                AdmissionInterceptor(max_concurrent_rpcs, max_streams, exempt=(*INTROSPECTION, REFLECTION_V1_METHOD)),
+            )
             outer_cap = max_concurrent_rpcs + max_streams + PROBE_HEADROOM
         self.server = grpc.aio.server(
             options=options, maximum_concurrent_rpcs=outer_cap, interceptors=tuple(interceptors) or None
@@ -90,9 +94,7 @@ class ServerLifecycle:
         self.address = ""
         self._health_server: grpc.aio.Server | None = None
         add_parsing_servicer(health_pb2_grpc.add_HealthServicer_to_server, self.health, self.server)
-        reflection.enable_server_reflection(
-            (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        enable_reflection((*self._service_names, health.SERVICE_NAME), self.server)  # v1 and v1alpha
 
     async def start(self, listen: str, advertise: str | None = None) -> str:
         """Binds and starts serving health (NOT_SERVING) and reflection; returns the address to advertise."""
