@@ -407,3 +407,34 @@ def test_not_ready_without_a_complete_route() -> None:
             assert not stub.ModelReady(oip_pb2.ModelReadyRequest(name="minilm"), timeout=10).ready
     finally:
         assert router.stop() == 0
+
+
+@pytest.mark.integration
+def test_oip_methods_sit_under_client_auth(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """OIP methods need credentials like shardmesh.v1 ones, tenants' method lists may name them, and
+    reflection (v1 and v1alpha) stays open."""
+    import secrets
+
+    import yaml
+
+    token = "oip-" + secrets.token_hex(16)
+    tokens_file = tmp_path / "tokens.yaml"
+    tokens_file.write_text(yaml.safe_dump({"tokens": {token: "probe"}, "tenants": {"probe": {"methods": ["ModelReady", "ServerLive"]}}}))
+    router, address = start_router(["127.0.0.1:9"], "--model", "minilm", "--auth-tokens-file", str(tokens_file))
+    try:
+        with grpc.insecure_channel(address) as ch:
+            stub = oip_pb2_grpc.GRPCInferenceServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ServerLive(oip_pb2.ServerLiveRequest(), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            auth = (("authorization", f"Bearer {token}"),)
+            assert stub.ServerLive(oip_pb2.ServerLiveRequest(), timeout=10, metadata=auth).live
+            assert not stub.ModelReady(oip_pb2.ModelReadyRequest(name="minilm"), timeout=10, metadata=auth).ready
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(_text_request(["hello"], raw=True), timeout=10, metadata=auth)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "may not call ModelInfer" in info.value.details()
+            for version in ("v1", "v1alpha"):  # no credentials needed
+                listed = _reflect(ch, version, reflection_pb2.ServerReflectionRequest(list_services=""))
+                assert "inference.GRPCInferenceService" in {s.name for s in listed.list_services_response.service}
+    finally:
+        assert router.stop() == 0
