@@ -37,4 +37,5 @@ class WorkerPool(PeerPool):
             total_layers=reply.total_layers,
             checksum=reply.weights_checksum,
             hidden_size=reply.hidden_size,
+            speed=max(0.0, reply.capacity.speed),
         )

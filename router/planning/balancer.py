@@ -68,6 +68,25 @@ class ReplicaStats:
         return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
 
 
+def eligible(replicas: Sequence[WorkerInfo], exclude: frozenset[str] = frozenset()) -> list[WorkerInfo]:
+    """``replicas`` without ``exclude``; Unavailable naming the stage when nothing is left to choose from."""
+    candidates = [r for r in replicas if r.worker_id not in exclude]
+    if not candidates:
+        spans = sorted({str(r.span) for r in replicas}) or ["?"]
+        raise Unavailable(
+            f"no replica left for layers {', '.join(spans)}: all {len(replicas)} are excluded "
+            f"({', '.join(sorted(r.worker_id for r in replicas)) or 'none known'}); retry after one recovers"
+        )
+    return candidates
+
+
+def neutral_latency(stats: Sequence[ReplicaStats | None]) -> float:
+    """Mean EWMA latency of the sampled replicas among ``stats`` (DEFAULT_LATENCY_S when none is sampled):
+    the latency assumed for an unsampled replica, so a new worker neither attracts a flood nor starves."""
+    known = [s.latency_ewma_s for s in stats if s is not None and s.latency_ewma_s is not None]
+    return sum(known) / len(known) if known else DEFAULT_LATENCY_S
+
+
 def choose_replica(
     replicas: Sequence[WorkerInfo],
     stats: Mapping[str, ReplicaStats],
@@ -79,22 +98,11 @@ def choose_replica(
     A replica without latency samples is costed at the mean latency of the sampled candidates, so
     new workers neither attract a flood (cost 0) nor starve (huge cost).
     """
-    candidates = [r for r in replicas if r.worker_id not in exclude]
-    if not candidates:
-        spans = sorted({str(r.span) for r in replicas}) or ["?"]
-        raise Unavailable(
-            f"no replica left for layers {', '.join(spans)}: all {len(replicas)} are excluded "
-            f"({', '.join(sorted(r.worker_id for r in replicas)) or 'none known'}); retry after one recovers"
-        )
+    candidates = eligible(replicas, exclude)
     if len(candidates) == 1:
         return candidates[0]
     first, second = rng.sample(candidates, 2)
-    known = [
-        s.latency_ewma_s
-        for s in (stats.get(first.worker_id), stats.get(second.worker_id))
-        if s is not None and s.latency_ewma_s is not None
-    ]
-    neutral = sum(known) / len(known) if known else DEFAULT_LATENCY_S
+    neutral = neutral_latency([stats.get(first.worker_id), stats.get(second.worker_id)])
     first_cost = _cost(stats.get(first.worker_id), neutral)
     second_cost = _cost(stats.get(second.worker_id), neutral)
     return first if first_cost <= second_cost else second

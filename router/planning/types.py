@@ -6,7 +6,7 @@ so every routing decision can be made and tested as a pure function over a snaps
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.errors import FailedPrecondition
 from services.layers import LayerSpan
@@ -24,6 +24,9 @@ class WorkerInfo:
     total_layers: int
     checksum: str
     hidden_size: int = 0
+    # Relative compute speed the worker reported (Capacity.speed; 0 = unknown), for the weighted balancer.
+    # Not part of identity: a re-measured speed is no reason to treat the worker as changed.
+    speed: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)
