@@ -7,7 +7,6 @@ from collections import Counter
 
 import pytest
 
-from router.planning.balancer import ReplicaStats
 from router.planning.balancers import (
     POLICIES,
     Balancer,
@@ -20,19 +19,11 @@ from router.planning.balancers import (
 from router.planning.types import WorkerInfo
 from services.errors import ConfigError, Unavailable
 from services.layers import LayerSpan
+from tests.unit.test_balancer import stats_with
 
 
 def replica(worker_id: str, span: LayerSpan = LayerSpan(0, 4), speed: float = 0.0) -> WorkerInfo:
     return WorkerInfo(worker_id, f"{worker_id}:1", "m", "llama", span, 8, "abc", speed=speed)
-
-
-def stats_with(outstanding: int = 0, latency_s: float | None = None) -> ReplicaStats:
-    stats = ReplicaStats()
-    for _ in range(outstanding):
-        stats.start()
-    if latency_s is not None:
-        stats.observe(latency_s, now=0.0)
-    return stats
 
 
 def test_round_robin_alternates_exactly_and_keeps_one_turn_per_stage() -> None:
