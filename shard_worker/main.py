@@ -18,7 +18,9 @@ from services.config import WorkerConfig
 from services.gen.shardmesh.v1 import worker_pb2
 from services.lifecycle import ServerLifecycle
 from services.memory import limit_malloc_arenas
+from services.models.base import StageModel
 from services.models.registry import load_stage, resolve_model
+from services.placement.costs import capacity_meta
 from services.net import max_request_bytes
 from services.security.mesh_auth import MeshAuthInterceptor, mesh_call_metadata
 from services.security.mesh_key import load_mesh_key
@@ -26,6 +28,7 @@ from services.telemetry import setup_logging, start_metrics
 from services.wire import codec, shm
 from shard_worker.core import WorkerCore
 from shard_worker.engine import StageEngine
+from shard_worker.placement import AutoPlacer, StageSwitch, choose_initial_span, measure_capacity
 from shard_worker.presence import ConsulPresence
 from shard_worker.relay import Relay
 from shard_worker.servicer import ShardWorkerServicer, add_to_server
@@ -46,6 +49,9 @@ async def serve(config: WorkerConfig, fault_injection: str | None = None) -> int
         torch.set_num_threads(config.threads)
     # Resolve first: an unknown model or a bad range fails before the port is taken.
     source = await asyncio.to_thread(resolve_model, config.model)
+    capacity = await measure_capacity(config)  # before loading: a calibration must not race the load for the CPU
+    if config.auto_layers:  # --layers auto: the range that best covers what Consul shows (docs/placement.md)
+        config = await choose_initial_span(config, source, capacity)
     config.span.check_within(source.total_layers, source.model_id)
     mesh_key = load_mesh_key(config.mesh_key_file, os.environ)  # a bad key file fails before the port is taken
     if config.use_shm:
@@ -86,20 +92,27 @@ async def serve(config: WorkerConfig, fault_injection: str | None = None) -> int
     stage = load.result()
     log.info("loaded %d parameters for layers %s", stage.parameter_count(), config.span)
 
-    engine = StageEngine(stage, worker_id, config.max_inflight, max_batch_tokens=config.max_batch_tokens)
     peers = PeerPool(config.tls if config.tls.enabled else None, metadata=mesh_call_metadata(mesh_key))
-    sessions = None
-    if hasattr(stage, "step"):  # llama stages keep per-session KV caches for generation
-        sessions = SessionService(
-            stage, engine, budget_bytes=config.cache_budget_bytes, default_ttl_s=config.session_ttl_s,
-            batching=not config.no_batching,
+
+    def build_core(stage: StageModel) -> WorkerCore:
+        """One stage's engine, sessions and core (again for each move of a --layers auto worker)."""
+        engine = StageEngine(stage, worker_id, config.max_inflight, max_batch_tokens=config.max_batch_tokens)
+        sessions = None
+        if hasattr(stage, "step"):  # llama stages keep per-session KV caches for generation
+            sessions = SessionService(
+                stage, engine, budget_bytes=config.cache_budget_bytes, default_ttl_s=config.session_ttl_s,
+                batching=not config.no_batching,
+            )
+        return WorkerCore(
+            stage, engine, config.max_tensor_bytes, address, codec.dtype_from_name(config.wire_dtype), Relay(peers, worker_id, config.use_shm, mesh_key), config.use_shm,
+            sessions,
         )
+
+    core = build_core(stage)
+    sessions = core.sessions
     expiry = sessions.start() if sessions else None
-    core = WorkerCore(
-        stage, engine, config.max_tensor_bytes, address, codec.dtype_from_name(config.wire_dtype), Relay(peers, worker_id, config.use_shm, mesh_key), config.use_shm,
-        sessions,
-    )
-    servicer.attach(core)
+    switch = StageSwitch(core, capacity)  # Describe reports the capacity; a move swaps the core behind it
+    servicer.attach(switch)  # type: ignore[arg-type]
     await lifecycle.set_serving(True)
     presence = None
     if config.consul is not None:
@@ -112,8 +125,13 @@ async def serve(config: WorkerConfig, fault_injection: str | None = None) -> int
             max_inflight=config.max_inflight,
             health_listen=config.health_listen,
             tls=config.tls.enabled,
+            extra_meta=capacity_meta(capacity.speed, capacity.memory_bytes, config.auto_layers),
         )
         presence.start()
+    placer = None
+    if config.auto_layers and presence is not None:
+        placer = AutoPlacer(switch, presence, build_core, source, config, worker_id)
+        placer.start()
     start_metrics(config.metrics_listen)
     log.info("worker %s SERVING layers %s of %s (checksum %s)", worker_id, config.span, source.model_id, source.checksum[:12])
 
@@ -123,10 +141,12 @@ async def serve(config: WorkerConfig, fault_injection: str | None = None) -> int
         worker_id, core.active, sessions.store.count if sessions else 0,
     )
     await lifecycle.set_serving(False)
+    if placer is not None:
+        await placer.close()  # no move starts during the drain
     if presence is not None:
         await presence.stop()  # routers stop sending here before the drain, not after
         await asyncio.sleep(DISCOVERY_PROPAGATION_S)  # ...and see the deregistration before new work is refused
-    drained = await core.drain(config.grace_s)  # computes, relayed requests and open sessions
+    drained = await switch.drain(config.grace_s)  # computes, relayed requests and open sessions
     if not drained:
         log.warning(
             "grace period of %.1fs ended with %d requests in flight and %d sessions open",
@@ -135,7 +155,7 @@ async def serve(config: WorkerConfig, fault_injection: str | None = None) -> int
     await lifecycle.stop(0.5)
     await stop_task(expiry)
     await peers.close()
-    engine.close()
+    switch.close()
     shm.sweep_own()  # segments this worker wrote that no peer consumed
     log.info("worker %s stopped", worker_id)
     return 0

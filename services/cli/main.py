@@ -24,6 +24,7 @@ HANDLERS: dict[str, str] = {
     "generate": "services.cli.generate_cmd:run",
     "convert": "services.models.convert:run",
     "chaos": "services.cli.chaos_cmd:run",
+    "plan": "services.cli.plan_cmd:run",
 }
 
 

@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run a shard worker for one layer range")
     w.add_argument("--model", required=True, help="built-in name (minilm, tiny-llama, smollm2) or a model directory")
-    w.add_argument("--layers", required=True, metavar="START:END", help="half-open layer range this worker holds")
+    w.add_argument("--layers", required=True, metavar="START:END|auto",
+                   help="half-open layer range this worker holds; auto (with Consul) = choose the range that best "
+                        "covers the weakest layers of the workers already registered, and move when one leaves "
+                        "(see docs/placement.md)")
     w.add_argument("--listen", required=True, metavar="HOST:PORT", help="gRPC listen address (port 0 = pick a free port)")
     w.add_argument("--advertise", metavar="HOST:PORT",
                    help="address this worker registers in Consul and reports in Describe; it does not change the bind. "
@@ -71,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--session-ttl-s", type=float, default=300.0, help="idle generation sessions expire after this")
     w.add_argument("--fault-injection", metavar="FILE",
                    help="chaos testing only: fail a share of calls as a JSON control FILE says (see docs/chaos.md)")
+    pl = w.add_argument_group("capacity and placement (see docs/placement.md)")
+    pl.add_argument("--capacity", type=float, default=0.0, metavar="SPEED",
+                    help="relative compute speed this worker declares (1.0 = the reference calibration); reported in "
+                         "Describe and Consul Meta. 0 = measure it with a short calibration at start (~0.3 s)")
+    pl.add_argument("--capacity-memory-mb", type=float, default=0.0, metavar="MB",
+                    help="memory this worker offers for weights, reported like --capacity; --layers auto never picks "
+                         "a range whose weights exceed it. 0 = the memory the OS reports available")
+    pl.add_argument("--rebalance-interval-s", type=float, default=10.0, metavar="S",
+                    help="--layers auto: how often the worker checks coverage, and the least time between two of its "
+                         "moves")
     c = w.add_argument_group("Consul registration")
     c.add_argument("--consul", metavar="HOST:PORT", help="register with this Consul agent (default: $CONSUL_HTTP_ADDR)")
     c.add_argument("--consul-service", default="shardmesh-worker", help="Consul service name")
@@ -145,12 +158,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--mode", choices=["direct", "relay"], default="direct")
 
     b = sub.add_parser("bench", help="benchmark the mesh side by side with the single-process model and a peer")
-    b.add_argument("suite", nargs="?", default="infer", choices=["infer", "failover", "generate"])
+    b.add_argument("suite", nargs="?", default="infer", choices=["infer", "failover", "generate", "placement"])
     b.add_argument("--json", dest="json_path", metavar="FILE", help="write results as JSON")
     b.add_argument("--plot", metavar="FILE.png", help="draw the results")
     b.add_argument("--quick", action="store_true", help="tiny configuration (for tests)")
     b.add_argument("--requests", type=int, default=0, help="requests per configuration (0 = suite default)")
     b.add_argument("--concurrency", default="1,8", help="comma-separated concurrency levels")
+
+    pn = sub.add_parser("plan", help="print capacity-proportional layer ranges for N workers beside the even split")
+    pn.add_argument("--model", required=True, help="built-in name (minilm, tiny-llama, smollm2) or a model directory")
+    pn.add_argument("--workers", type=int, required=True, metavar="N", help="number of workers to place layers on")
+    pn.add_argument("--capacity", metavar="S1,S2,...",
+                    help="relative speed of each worker (default: all 1.0); e.g. 2,1,1 = the first is twice as fast")
+    pn.add_argument("--memory-mb", metavar="M1,M2,...", help="memory of each worker for weights, in MiB (default: unbounded)")
+    pn.add_argument("--bandwidth-mbps", type=float, default=0.0,
+                    help="link bandwidth of every worker in MB/s for activations (0 = free: shared memory on one host)")
+    pn.add_argument("--replicas", type=int, default=1, help="replica groups, each covering every layer once")
+    pn.add_argument("--hop-ms", type=float, default=0.0, help="fixed cost of one hop (RPC and serialisation), in ms")
+    pn.add_argument("--measure", action="store_true",
+                    help="measure per-layer costs on this machine now (and cache them per model, dtype, shape, threads and host); "
+                         "without it, cached measurements are used if present, else equal layers")
+    pn.add_argument("--shape", default="1x128", metavar="BxT", help="batch x tokens the costs are measured at")
+    pn.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     g = sub.add_parser("generate", help="generate text through a router, streaming tokens")
     g.add_argument("--router", default=DEFAULT_ROUTER_LISTEN, metavar="HOST:PORT")

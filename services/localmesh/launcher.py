@@ -173,6 +173,9 @@ class LocalMesh:
         self._echo = echo_stderr
         self._key_dir: MeshKeyDir | None = None
 
+    def _say(self, line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
     @property
     def router_address(self) -> str:
         return self.router.address if self.router else ""
@@ -207,6 +210,10 @@ class LocalMesh:
             self._key_dir = MeshKeyDir()
 
     async def start(self, timeout_s: float = START_TIMEOUT_S) -> str:
+        if self.spec.needs_placement:  # layers: auto: plan every range before starting anything
+            from services.localmesh.auto import place_auto
+
+            self.spec, _, _ = await asyncio.to_thread(place_auto, self.spec, progress=self._say)
         try:
             self._ensure_mesh_key()
             for w in self.spec.workers:

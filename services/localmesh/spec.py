@@ -15,16 +15,19 @@ from services.net import split_host_port
 
 _TOP_KEYS = {"model", "router", "workers", "mode", "discovery", "consul", "worker_args", "router_args"}
 _ROUTER_KEYS = {"listen"}
-_WORKER_KEYS = {"layers", "listen", "replicas", "args"}
+_WORKER_KEYS = {"layers", "listen", "replicas", "args", "capacity", "memory_mb"}
+AUTO = "auto"  # layers: auto = planned from measured costs and capacities (services/localmesh/auto.py)
 _DISCOVERY = {"static", "consul"}
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
     name: str
-    span: LayerSpan
+    span: LayerSpan | None  # None = layers: auto, until services.localmesh.auto.place_auto plans it
     listen: str  # "127.0.0.1:0" when omitted: the worker binds a free port and reports it
     args: tuple[str, ...] = ()
+    capacity: float = 0.0  # declared relative speed (passed as --capacity); 0 = calibrated by the worker
+    memory_mb: float = 0.0  # declared memory for weights (--capacity-memory-mb); 0 = unbounded
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,18 @@ class MeshSpec:
     consul_service: str = "shardmesh-worker"
     worker_args: tuple[str, ...] = ()
     router_args: tuple[str, ...] = ()
+
+    @property
+    def needs_placement(self) -> bool:
+        return any(w.span is None for w in self.workers)
+
+
+def _number(value: Any, where: str, key: str) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{where}: {key} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _check_keys(where: str, data: Mapping[str, Any], allowed: set[str]) -> None:
@@ -88,7 +103,8 @@ def parse_spec(data: Any, *, source: str = "config") -> MeshSpec:
         _check_keys(where, raw, _WORKER_KEYS)
         if "layers" not in raw:
             raise ConfigError(f'{where}: missing key layers (e.g. layers: "0:2")')
-        span = LayerSpan.parse(str(raw["layers"]))
+        span = None if str(raw["layers"]).strip() == AUTO else LayerSpan.parse(str(raw["layers"]))
+        capacity, memory_mb = _number(raw.get("capacity"), where, "capacity"), _number(raw.get("memory_mb"), where, "memory_mb")
         replicas = raw.get("replicas", 1)
         if not isinstance(replicas, int) or replicas < 1:
             raise ConfigError(f"{where}: replicas must be an integer >= 1, got {replicas!r}")
@@ -96,7 +112,8 @@ def parse_spec(data: Any, *, source: str = "config") -> MeshSpec:
             raise ConfigError(f"{where}: a fixed listen address cannot be shared by {replicas} replicas; omit listen")
         for r in range(replicas):
             name = f"w{index}" + (f"r{r}" if replicas > 1 else "")
-            workers.append(WorkerSpec(name, span, _listen(raw.get("listen"), where), _args(raw.get("args"), where)))
+            workers.append(WorkerSpec(name, span, _listen(raw.get("listen"), where), _args(raw.get("args"), where),
+                                      capacity, memory_mb))
     _check_layout(workers, source)
     consul = data.get("consul") or {}
     if not isinstance(consul, dict):
@@ -116,8 +133,14 @@ def parse_spec(data: Any, *, source: str = "config") -> MeshSpec:
 
 
 def _check_layout(workers: list[WorkerSpec], source: str) -> None:
-    """Local meshes must tile the layers: distinct spans may not overlap (replicas share a span)."""
-    spans = sorted({w.span for w in workers})
+    """Local meshes must tile the layers: distinct spans may not overlap (replicas share a span).
+    ``layers: auto`` is all or nothing: the planner tiles the layers itself."""
+    autos = sum(w.span is None for w in workers)
+    if autos and autos != len(workers):
+        raise ConfigError(f"{source}: layers: auto must be used by every worker or by none (the planner places them all)")
+    if autos:
+        return
+    spans = sorted({w.span for w in workers if w.span is not None})
     for a, b in zip(spans, spans[1:]):
         if a.overlaps(b):
             raise ConfigError(f"{source}: worker layer ranges {a} and {b} overlap; stages must meet at one layer")

@@ -233,3 +233,33 @@ def estimated_costs(model: str) -> ModelCosts:
         tuple(LayerCost(1.0, activation, w) for w in per_layer), LayerCost(0.0, 0, first), LayerCost(0.0, 0, last),
         model_id=source.model_id,
     )
+
+
+def load_costs(model: str, *, measure: bool = False, shape: tuple[int, int] = DEFAULT_SHAPE,
+               progress: Callable[[str], None] | None = None) -> tuple[ModelCosts, str]:
+    """Costs for planning and where they came from: ``measured`` (now, or cached from an earlier measurement
+    on this host at this shape and thread count) or ``estimated`` (equal layers; nothing measured yet)."""
+    import torch
+
+    from services.models.registry import default_cache_dir, resolve_model
+
+    if measure:
+        return measure_model_costs(model, shape=shape, refresh=True, progress=progress), "measured"
+    source = resolve_model(model)
+    path = cache_path(default_cache_dir(), source.model_id, source.checksum, "float32", shape, torch.get_num_threads())
+    if path.is_file():
+        try:
+            return costs_from_json(json.loads(path.read_text())), "measured"
+        except (OSError, ValueError, KeyError, TypeError, ConfigError):
+            pass
+    return estimated_costs(model), "estimated"
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        batch, tokens = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"shape {text!r}: expected BATCHxTOKENS, e.g. 1x128") from None
+    if batch < 1 or tokens < 1:
+        raise ConfigError(f"shape {text!r}: batch and tokens must be at least 1")
+    return batch, tokens
