@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from services.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
+import torch
+
+from services.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted, ShardmeshError
 from services.gen.shardmesh.v1 import router_pb2, tensor_pb2
 from services.models.registry import load_tokenizer, resolve_model
 from services.telemetry import INFLIGHT
@@ -16,10 +18,17 @@ from services.wire import codec
 from router.generation import GenerationService
 from router.inputs import TokenizerCache, encode_text, request_inputs
 from router.pipeline import Pipeline
+from router.result_cache import ResultCache, result_key
+from router.scheduling import CallerInfo, Scheduler, SchedulerSettings, hop_priority, resolve_priority, resolve_tenant
+from router.scheduling.context import set_default_level
+from router.scheduling.metrics import SchedulerMetrics
 from router.topology import Topology
 
 GENERATE_TIMEOUT_S = 600.0  # a generation without a client deadline
 MODE_NAMES = {"direct": tensor_pb2.MODE_DIRECT, "relay": tensor_pb2.MODE_RELAY}
+# --max-concurrency 0: this many requests per replica of the narrowest stage (the workers' default --max-inflight)
+WORKER_SLOTS = 64
+CAPACITY_TTL_S = 1.0
 
 
 class RouterCore:
@@ -34,6 +43,8 @@ class RouterCore:
         max_tensor_bytes: int,
         tokenizer_model: str | None,
         generation: GenerationService | None = None,
+        result_cache: ResultCache | None = None,
+        scheduling: SchedulerSettings | None = None,
     ) -> None:
         self.topology = topology
         self.pipeline = pipeline
@@ -43,9 +54,32 @@ class RouterCore:
         self.max_tensor_bytes = max_tensor_bytes
         self.inflight = 0
         self.generation = generation
+        self.result_cache = result_cache  # --cache-mb; None = off
         self._tokenizer_model = tokenizer_model
         self._tokenizers = TokenizerCache(lambda model: load_tokenizer(resolve_model(model)))
         self._claimed: set[tuple[str, str]] = set()  # (kind, client id) of requests in flight
+        self._capacity = (0.0, WORKER_SLOTS)  # (computed at, value) of the automatic concurrency limit
+        settings = scheduling or SchedulerSettings()
+        self.scheduler = Scheduler(settings, self.auto_concurrency, observer=SchedulerMetrics(settings.tenant_weights))
+        set_default_level(self.scheduler.settings.default_priority)
+
+    def auto_concurrency(self) -> int:
+        """Requests the route's narrowest stage admits: WORKER_SLOTS per replica, at most --max-inflight."""
+        now = time.monotonic()
+        if now - self._capacity[0] > CAPACITY_TTL_S:
+            try:
+                replicas = min(len(stage.replicas) for stage in self.topology.plan().stages)
+            except Exception:  # noqa: BLE001 - no route yet: requests fail in the pipeline with the reason
+                replicas = 1
+            self._capacity = (now, min(self.max_inflight, WORKER_SLOTS * max(1, replicas)))
+        return self._capacity[1]
+
+    def _who(self, priority: int, caller: CallerInfo | None) -> tuple[int, str]:
+        """The request's resolved priority level and tenant (InvalidArgument for bad values)."""
+        caller = caller or CallerInfo()
+        settings = self.scheduler.settings
+        level = resolve_priority(priority, caller.priority_metadata, settings.priority_levels, settings.default_priority)
+        return level, resolve_tenant(caller.authenticated_tenant, caller.tenant_metadata)
 
     @contextlib.contextmanager
     def _claim(self, kind: str, client_id: str) -> Iterator[None]:
@@ -73,7 +107,9 @@ class RouterCore:
             model = workers[0].model_id
         return self._tokenizers.get(model)
 
-    async def infer(self, request: router_pb2.InferRequest, time_remaining: float | None) -> router_pb2.InferResponse:
+    async def infer(
+        self, request: router_pb2.InferRequest, time_remaining: float | None, caller: CallerInfo | None = None
+    ) -> router_pb2.InferResponse:
         if self.inflight >= self.max_inflight:
             raise ResourceExhausted(
                 f"router has {self.inflight} requests in flight (limit --max-inflight {self.max_inflight}); retry later"
@@ -82,18 +118,26 @@ class RouterCore:
         INFLIGHT.labels(component="router").inc()
         try:
             with self._claim("infer", request.request_id):
-                return await self._infer(request, time_remaining)
+                return await self._infer(request, time_remaining, caller)
         finally:
             self.inflight -= 1
             INFLIGHT.labels(component="router").dec()
 
-    async def _infer(self, request: router_pb2.InferRequest, time_remaining: float | None) -> router_pb2.InferResponse:
+    async def _infer(
+        self, request: router_pb2.InferRequest, time_remaining: float | None, caller: CallerInfo | None = None
+    ) -> router_pb2.InferResponse:
+        priority, tenant = self._who(request.priority, caller)
         started = time.monotonic()
         deadline = started + (time_remaining if time_remaining is not None else self.request_timeout_s)
         mode = request.mode or self.default_mode
         ids, mask = await request_inputs(request, self._tokenizer, self.max_tensor_bytes)
         request_id = request.request_id or uuid.uuid4().hex
-        result = await self.pipeline.run(request_id, ids, mask, deadline, relay=mode == tensor_pb2.MODE_RELAY)
+        probe = self._cache_probe(ids, mask)
+        if probe is not None and probe[2] is not None:
+            return _cached_response(request_id, mode, probe[2], started)
+        async with self.scheduler.slot(self.scheduler.ticket("infer", priority, tenant), deadline):
+            with hop_priority(priority):
+                result = await self.pipeline.run(request_id, ids, mask, deadline, relay=mode == tensor_pb2.MODE_RELAY)
         response = router_pb2.InferResponse(
             request_id=request_id,
             output=codec.encode(result.output),
@@ -103,14 +147,33 @@ class RouterCore:
         )
         response.hops.extend(result.hops)
         response.route.extend(h.worker_id for h in result.hops)
+        if probe is not None and self.result_cache is not None and result.checksum:
+            key = result_key(result.checksum, probe[0], probe[1])
+            self.result_cache.put(result.checksum, key, response.output.SerializeToString())
         return response
 
+    def _cache_probe(
+        self, ids: tensor_pb2.Tensor, mask: tensor_pb2.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, bytes | None] | None:
+        """With --cache-mb: the decoded ids and mask, and the cached output bytes for them on the checksum
+        the pipeline would route to now (None: a miss). None when the cache is off or no route exists."""
+        if self.result_cache is None:
+            return None
+        try:
+            checksum = self.topology.plan(excluded=self.pipeline.excluded((), time.monotonic())).checksum
+        except ShardmeshError:
+            return None  # the pipeline reports why there is no route
+        ids_t = codec.decode(ids, field="input", max_bytes=_TRUSTED_BYTES)
+        mask_t = codec.decode(mask, field="attention_mask", max_bytes=_TRUSTED_BYTES) if mask is not None else None
+        return ids_t, mask_t, self.result_cache.get(checksum, result_key(checksum, ids_t, mask_t))
+
     async def generate(
-        self, request: router_pb2.GenerateRequest, time_remaining: float | None
+        self, request: router_pb2.GenerateRequest, time_remaining: float | None, caller: CallerInfo | None = None
     ) -> AsyncIterator[router_pb2.GenerateEvent]:
         """Streams generated tokens, then a summary (see router/generation.py)."""
         if self.generation is None:
             raise FailedPrecondition("this router has no generation service")
+        priority, tenant = self._who(request.priority, caller)
         kind = request.WhichOneof("prompt")
         tokenizer = None
         if kind == "text":
@@ -136,12 +199,37 @@ class RouterCore:
         self.inflight += 1
         try:
             with self._claim("generate", request.session_id or request.request_id):
-                async for event in self.generation.generate(
-                    request, prompt_ids, tokenizer, deadline, request_id, relay=mode == tensor_pb2.MODE_RELAY
-                ):
-                    yield event
+                if self.scheduler.preempts_sessions:  # each step is scheduled (mlfq demotes long sessions)
+                    session_slot: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+                else:  # run to completion: the session holds one slot until its last token
+                    ticket = self.scheduler.ticket("generate", priority, tenant)
+                    session_slot = self.scheduler.slot(ticket, deadline, record=False)
+                async with session_slot:
+                    async for event in self.generation.generate(
+                        request, prompt_ids, tokenizer, deadline, request_id, relay=mode == tensor_pb2.MODE_RELAY,
+                        gate=self._step_gate(priority, tenant, deadline),
+                    ):
+                        yield event
         finally:
             self.inflight -= 1
+
+    def _step_gate(
+        self, priority: int, tenant: str, deadline: float
+    ) -> Callable[[int], contextlib.AbstractAsyncContextManager[None]]:
+        """What each generation step runs under: its own slot when steps are scheduled, and its priority."""
+
+        @contextlib.asynccontextmanager
+        async def gate(tokens: int) -> AsyncIterator[None]:
+            if self.scheduler.preempts_sessions:
+                ticket = self.scheduler.ticket("step" if tokens else "generate", priority, tenant, tokens=tokens)
+                async with self.scheduler.slot(ticket, deadline):
+                    with hop_priority(priority):
+                        yield
+            else:
+                with hop_priority(priority):
+                    yield
+
+        return gate
 
     def topology_view(self) -> router_pb2.TopologyResponse:
         reply = router_pb2.TopologyResponse(discovery=self.topology.discovery.name)
@@ -167,3 +255,14 @@ class RouterCore:
             for w in stage.replicas:
                 reply.route.add(worker_id=w.worker_id, address=w.address, layers=tensor_pb2.LayerRange(start=w.span.start, end=w.span.end))
         return reply
+
+
+_TRUSTED_BYTES = 1 << 40  # inputs reaching the cache probe were already size-checked by router/inputs.py
+
+
+def _cached_response(request_id: str, mode: int, output: bytes, started: float) -> router_pb2.InferResponse:
+    """A result-cache hit: the stored output bytes, no route, no hops and attempts 0 (no worker was asked)."""
+    response = router_pb2.InferResponse(request_id=request_id, mode=mode)  # type: ignore[arg-type]
+    response.output.ParseFromString(output)
+    response.total_ms = 1000 * (time.monotonic() - started)
+    return response

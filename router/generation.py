@@ -22,7 +22,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 2.0
 SESSION_KEY_BYTES = 16
 DEFAULT_MAX_NEW_TOKENS = 32
+StepGate = Callable[[int], contextlib.AbstractAsyncContextManager[None]]
 
 
 def _new_key() -> bytes:
@@ -96,7 +97,9 @@ class GenerationService:
         deadline: float,
         request_id: str,
         relay: bool,
+        gate: StepGate | None = None,
     ) -> AsyncIterator[router_pb2.GenerateEvent]:
+        """``gate(tokens so far)`` wraps each step: the router's scheduler (a slot per step) and priority."""
         if not prompt_ids:
             raise InvalidArgument("prompt: empty; send text or at least one token id")
         params = SamplingParams(
@@ -119,7 +122,8 @@ class GenerationService:
         try:
             step_ids = list(prompt_ids)
             while True:
-                logits = await self._step(session, step_ids, deadline)
+                async with gate(len(generated)) if gate is not None else contextlib.nullcontext():
+                    logits = await self._step(session, step_ids, deadline)
                 token = next_token(logits.reshape(-1), params, generator)
                 generated.append(token)
                 if len(generated) == 1:

@@ -28,9 +28,12 @@ from router.generation import GenerationService
 from router.oip import OIP_METHODS, OIP_SERVICE_NAME, OipServicer, add_oip_servicer
 from router.peers import WorkerPool
 from router.pipeline import Pipeline, PipelineSettings
+from router.planning.balancers import Balancer
 from router.planning.outlier import OutlierConfig, OutlierDetector
 from router.planning.retry_budget import RetryBudget
 from router.planning.types import WorkerInfo
+from router.result_cache import ResultCache
+from router.scheduling import SchedulerSettings
 from router.servicer import RouterServicer
 from router.topology import Topology
 
@@ -108,6 +111,7 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None, fault_
         ),
         outliers,
         RetryBudget(ratio=config.retry_budget),
+        balancer=Balancer(config.balancer),
     )
     generation = GenerationService(topology, pool, pipeline, config.max_attempts)
     core = RouterCore(
@@ -119,6 +123,8 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None, fault_
         max_tensor_bytes=config.max_tensor_bytes,
         tokenizer_model=config.model,
         generation=generation,
+        scheduling=SchedulerSettings.from_config(config.scheduling),  # --schedule group (docs/scheduling.md)
+        result_cache=ResultCache(config.result_cache_bytes, export=True) if config.result_cache_bytes else None,
     )
     charge = (lambda: auth.charge(CURRENT_TENANT.get())) if auth is not None else None
     servicer = RouterServicer(

@@ -28,7 +28,9 @@ from services.transport.stream_client import downstream_budget
 from services.security.route_mac import sign_route
 from services.wire import placement, shm
 from router.peers import WorkerPool
-from router.planning.balancer import ReplicaStats, choose_replica
+from router.scheduling.context import current_priority
+from router.planning.balancer import ReplicaStats
+from router.planning.balancers import Balancer
 from router.planning.hop_errors import counts_against_worker, is_server_fault, may_fail_over
 from router.planning.outlier import OutlierDetector
 from router.planning.retry_budget import RetryBudget
@@ -59,6 +61,7 @@ class PipelineResult:
     output: torch.Tensor
     hops: list[tensor_pb2.HopRecord] = field(default_factory=list)
     attempts: int = 1
+    checksum: str = ""  # the weights that computed ``output`` (keys the router's result cache)
 
 
 class Pipeline:
@@ -79,8 +82,10 @@ class Pipeline:
         outliers: OutlierDetector,
         retry_budget: RetryBudget,
         rng: random.Random | None = None,
+        balancer: Balancer | None = None,
     ) -> None:
         self._topology = topology
+        self.balancer = balancer or Balancer()  # --balancer; p2c by default
         self._pool = pool
         self._settings = settings
         self.outliers = outliers
@@ -120,8 +125,9 @@ class Pipeline:
                 log.warning("worker %s (%s) ejected after consecutive failures: %s", worker.worker_id, worker.address, exc)
 
     def choose(self, replicas: Sequence[WorkerInfo]) -> WorkerInfo:
-        """One replica of a stage by power of two choices over this router's latency and load view."""
-        return choose_replica(replicas, self.stats, self._rng)
+        """One replica of a stage by the --balancer policy over this router's latency and load view; every
+        choice (route, relay chain, hedge, generation route and replay) goes through here."""
+        return self.balancer.choose(replicas, self.stats, self._rng)
 
     def record_request(self) -> None:
         """One original request (or generation step) for the retry budget."""
@@ -152,7 +158,7 @@ class Pipeline:
         key = self.worker_key(request_id)
         checksum, total = plan.checksum, plan.total_layers
         stage_input = await unpack_trusted(ids, "input")  # already checked by router/inputs.py
-        result = PipelineResult(output=stage_input)
+        result = PipelineResult(output=stage_input, checksum=checksum)
         layer = 0
         failed: set[str] = set()  # workers that failed this request: not tried again for it
         attempts: dict[int, int] = {}  # failed attempts per starting layer
@@ -310,6 +316,7 @@ class Pipeline:
             timeout_ms=max(1, int(downstream_budget(timeout) * 1000)),
             source=tensor_pb2.SOURCE_ROUTER,
             mode=tensor_pb2.MODE_RELAY if len(chosen) > 1 else tensor_pb2.MODE_DIRECT,
+            priority=current_priority(),  # the request's resolved level (router/scheduling): workers order by it
         )
         for worker in chosen[1:]:
             request.downstream.add(

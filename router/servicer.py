@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from services.errors import grpc_errors, grpc_stream_errors, status_of
+from services.security.client_auth import ANONYMOUS, CURRENT_TENANT
 from services.gen.shardmesh.v1 import router_pb2, router_pb2_grpc, tensor_pb2
 from services.transport.raw import parser
 from services.transport.stream_server import StreamHandlers, serve_multiplexed
 from router.core import RouterCore
 from router.inputs import check_text_size
+from router.scheduling import CallerInfo
 
 DEFAULT_MAX_TEXT_BYTES = 1024 * 1024
 
@@ -41,17 +43,24 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             self._charge_stream_request()
         self._check_text(request)
 
+    @staticmethod
+    def _caller(context: grpc.aio.ServicerContext) -> CallerInfo:
+        """Priority and tenant metadata; the tenant client auth named (CURRENT_TENANT) wins over metadata."""
+        tenant = CURRENT_TENANT.get()
+        return CallerInfo.from_metadata(context.invocation_metadata(), tenant if tenant != ANONYMOUS else None)
+
     @grpc_errors
     async def Infer(self, request: router_pb2.InferRequest, context: grpc.aio.ServicerContext) -> router_pb2.InferResponse:
         self._check_text(request)
-        return await self._core.infer(request, context.time_remaining())
+        return await self._core.infer(request, context.time_remaining(), self._caller(context))
 
     async def InferStream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         core = self._core
+        caller = self._caller(context)  # the stream's metadata applies to each request on it
 
         async def handle(request: router_pb2.InferRequest) -> router_pb2.InferResponse:
             self._admit_stream_request(request)
-            return await core.infer(request, request.timeout_ms / 1000.0 if request.timeout_ms else None)
+            return await core.infer(request, request.timeout_ms / 1000.0 if request.timeout_ms else None, caller)
 
         def on_error(request: router_pb2.InferRequest, exc: BaseException) -> router_pb2.InferResponse:
             code, message = status_of(exc)
@@ -78,5 +87,5 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateEvent]:
         self._check_text(request)
-        async for event in self._core.generate(request, context.time_remaining()):
+        async for event in self._core.generate(request, context.time_remaining(), self._caller(context)):
             yield event

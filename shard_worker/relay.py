@@ -112,6 +112,7 @@ class Relay:
             session_key=request.session_key,
             route_mac=downstream_mac(request),
             route_expires_ms=request.route_expires_ms,
+            priority=request.priority,
         )
         down.downstream.extend(request.downstream[1:])
         down.upstream_hops.extend(request.upstream_hops)
