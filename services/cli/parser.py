@@ -72,6 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-batching", action="store_true",
                    help="run each session's decode step alone (bit-exact with one process; slower with many sessions)")
     w.add_argument("--session-ttl-s", type=float, default=300.0, help="idle generation sessions expire after this")
+    w.add_argument("--no-prefix-cache", action="store_true",
+                   help="keep no KV blocks of prompt prefixes for later sessions (automatic prefix caching is on by "
+                        "default, within --cache-budget-mb, evicted least recently used before a session is refused; "
+                        "--no-batching turns it off too)")
+    w.add_argument("--prefix-block-tokens", type=int, default=16,
+                   help="prompt positions per prefix-cache block: a new session reuses whole blocks it shares")
+    wb = w.add_argument_group("dynamic batching (stateless forwards)")
+    wb.add_argument("--max-batch-size", type=int, default=1, metavar="N",
+                    help="sequences run together in one forward: queued requests for this stage are batched up to N "
+                         "(padding bounded: lengths within 25%% or 8 tokens), then split back; outputs then differ "
+                         "from solo ones by float rounding only (docs/architecture.md). Default 1 = off: every "
+                         "output bit-identical to one process. 8 serves many concurrent clients best")
+    wb.add_argument("--max-queue-delay-us", type=int, default=0, metavar="US",
+                    help="how long a request may wait for batch-mates before its forward starts; 0 = only batch "
+                         "what is already queued when the compute frees (continuous batching, no added latency)")
     w.add_argument("--fault-injection", metavar="FILE",
                    help="chaos testing only: fail a share of calls as a JSON control FILE says (see docs/chaos.md)")
     pl = w.add_argument_group("capacity and placement (see docs/placement.md)")
@@ -133,6 +148,46 @@ def build_parser() -> argparse.ArgumentParser:
                         "Clients without a known token get UNAUTHENTICATED (health and reflection stay open)")
     a.add_argument("--rate-limit-rps", type=float, default=0.0,
                    help="requests per second allowed to each tenant (0 = no limit); more get RESOURCE_EXHAUSTED")
+    bal = r.add_argument_group("balancing and result cache (see README, Balancing)")
+    bal.add_argument("--balancer", default="p2c",
+                     choices=["round_robin", "least_connections", "least_response_time", "p2c", "weighted"],
+                     help="how a stage's replica is chosen: p2c = power of two choices over EWMA latency x load "
+                          "(default); round_robin = in turn; least_connections = fewest outstanding; "
+                          "least_response_time = lowest EWMA latency x (outstanding + 1) of all; weighted = at random "
+                          "in proportion to reported speed (else 1 / EWMA latency)")
+    bal.add_argument("--cache-mb", type=float, default=0.0,
+                     help="Infer result cache size in MiB, LRU, keyed by model checksum, token ids and mask "
+                          "(0 = off); a hit answers with the stored output, an empty route and attempts 0")
+    sc = r.add_argument_group("scheduling (see docs/scheduling.md)")
+    sc.add_argument("--schedule", choices=["fcfs", "priority", "mlfq", "fair"], default="fcfs",
+                    help="order of requests waiting for a pipeline slot: fcfs = arrival (a generation holds its slot "
+                         "to the end); priority = strict levels; mlfq = levels, then a multi-level feedback queue that "
+                         "demotes generation sessions as they produce tokens; fair = levels, then weighted fair "
+                         "queuing across tenants (--tenant-weights). All but fcfs schedule each generation step")
+    sc.add_argument("--max-concurrency", type=int, default=0, metavar="N",
+                    help="requests (or generation steps) running through the workers at once; the rest wait in the "
+                         "scheduler's queues. 0 = 64 per replica of the narrowest stage (the workers' default "
+                         "--max-inflight), at most --max-inflight")
+    sc.add_argument("--priority-levels", type=int, default=3, metavar="N",
+                    help="priority levels 1 (highest) .. N; a request's priority field or x-shardmesh-priority "
+                         "metadata picks one (the field wins when both are set); 0 or unset = --default-priority")
+    sc.add_argument("--default-priority", type=int, default=2, metavar="LEVEL",
+                    help="level of requests that send priority 0 or none")
+    sc.add_argument("--queue-size", type=int, default=128, metavar="N",
+                    help="new requests waiting per priority level; more get RESOURCE_EXHAUSTED naming the queue")
+    sc.add_argument("--queue-timeout-ms", type=int, default=0, metavar="MS",
+                    help="longest wait for a slot before RESOURCE_EXHAUSTED (0 = up to the request's deadline)")
+    sc.add_argument("--no-deadline-admission", action="store_true",
+                    help="admit requests whose deadline is shorter than the expected service time (EWMA of recent "
+                         "requests) plus queue wait; by default they get DEADLINE_EXCEEDED at once")
+    sc.add_argument("--tenant-weights", metavar="SPEC|FILE",
+                    help="fair: weights per tenant, TENANT=WEIGHT,... (e.g. a=3,b=1) or a file with one TENANT=WEIGHT "
+                         "per line; others weigh 1. Tenant = the authenticated one, else x-shardmesh-tenant metadata")
+    sc.add_argument("--mlfq-quantum", type=int, default=8, metavar="TOKENS",
+                    help="mlfq: tokens a session produces on level 0; each lower level holds twice as many")
+    sc.add_argument("--mlfq-levels", type=int, default=4, metavar="N", help="mlfq: feedback levels")
+    sc.add_argument("--mlfq-boost-ms", type=int, default=1000, metavar="MS",
+                    help="mlfq: a step waiting this long is served as if on the top level (no starvation)")
     _add_tls(r)
     _add_mesh_key(r)
     _add_common(r)
@@ -158,12 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--mode", choices=["direct", "relay"], default="direct")
 
     b = sub.add_parser("bench", help="benchmark the mesh side by side with the single-process model and a peer")
-    b.add_argument("suite", nargs="?", default="infer", choices=["infer", "failover", "generate", "placement"])
+    b.add_argument("suite", nargs="?", default="infer", choices=["infer", "failover", "generate", "placement", "schedule", "balance"])
     b.add_argument("--json", dest="json_path", metavar="FILE", help="write results as JSON")
     b.add_argument("--plot", metavar="FILE.png", help="draw the results")
     b.add_argument("--quick", action="store_true", help="tiny configuration (for tests)")
     b.add_argument("--requests", type=int, default=0, help="requests per configuration (0 = suite default)")
     b.add_argument("--concurrency", default="1,8", help="comma-separated concurrency levels")
+    b.add_argument("--batching", metavar="SIZES",
+                   help="infer suite: the dynamic-batching comparison instead of the usual workloads: minilm on "
+                        "14-token texts through mesh-direct once per worker --max-batch-size in SIZES (e.g. 1,8; "
+                        "1 = off), beside the single process at batch 1, at concurrency 1,16 unless given; "
+                        "prints throughput and p50 ratios against the issue's targets")
 
     pn = sub.add_parser("plan", help="print capacity-proportional layer ranges for N workers beside the even split")
     pn.add_argument("--model", required=True, help="built-in name (minilm, tiny-llama, smollm2) or a model directory")
