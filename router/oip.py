@@ -32,10 +32,12 @@ from services.errors import InvalidArgument, NotFound, ShardmeshError, grpc_erro
 from services.gen.inference import grpc_service_pb2 as oip_pb2
 from services.gen.inference import grpc_service_pb2_grpc as oip_pb2_grpc
 from services.gen.shardmesh.v1 import router_pb2, tensor_pb2
+from services.security.client_auth import ANONYMOUS, CURRENT_TENANT
 from services.transport.raw import add_parsing_servicer, parser
 from services.transport.stream_server import StreamHandlers, serve_multiplexed
 from router.core import MODE_NAMES, RouterCore
 from router.inputs import check_text_size
+from router.scheduling import CallerInfo
 
 OIP_SERVICE_NAME = oip_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 OIP_METHODS = tuple(m.name for m in oip_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods)
@@ -352,6 +354,12 @@ async def _all_or_nothing(calls: list[Any]) -> list[Any]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _caller(context: grpc.aio.ServicerContext) -> CallerInfo:
+    """Priority and tenant metadata for the scheduler; the tenant client auth named wins over metadata."""
+    tenant = CURRENT_TENANT.get()
+    return CallerInfo.from_metadata(context.invocation_metadata(), tenant if tenant != ANONYMOUS else None)
+
+
 @dataclass
 class _StreamItem:
     """One ModelStreamInfer request; OIP ids are optional and may repeat, so the stream keys on a counter."""
@@ -450,21 +458,24 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
 
     # -- inference ----------------------------------------------------------------------------------
 
-    async def _infer(self, request: oip_pb2.ModelInferRequest, time_remaining: float | None, *, stream: bool) -> tuple[oip_pb2.ModelInferResponse, MeshWork]:
+    async def _infer(
+        self, request: oip_pb2.ModelInferRequest, time_remaining: float | None, caller: CallerInfo, *, stream: bool
+    ) -> tuple[oip_pb2.ModelInferResponse, MeshWork]:
         name = self._check_model(request.model_name, request.model_version)
         work = mesh_work(request, max_text_bytes=self._max_text_bytes, max_batch=self._core.max_inflight, stream=stream)
         if work.timeout_s is not None:
             time_remaining = work.timeout_s if time_remaining is None else min(time_remaining, work.timeout_s)
-        responses = await _all_or_nothing([self._core.infer(r, time_remaining) for r in work.requests])
+        responses = await _all_or_nothing([self._core.infer(r, time_remaining, caller) for r in work.requests])
         return infer_response(request, name, responses), work
 
     @grpc_errors
     async def ModelInfer(self, request: oip_pb2.ModelInferRequest, context: grpc.aio.ServicerContext) -> oip_pb2.ModelInferResponse:
-        reply, _ = await self._infer(request, context.time_remaining(), stream=False)
+        reply, _ = await self._infer(request, context.time_remaining(), _caller(context), stream=False)
         return reply
 
     async def ModelStreamInfer(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         parse_message = parser(oip_pb2.ModelInferRequest)
+        caller = _caller(context)  # the stream's metadata applies to each request on it
 
         def parse(raw: Any) -> _StreamItem:
             self._stream_seq += 1
@@ -473,7 +484,7 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
         async def handle(item: _StreamItem) -> oip_pb2.ModelStreamInferResponse:
             if self._charge_stream_request is not None:
                 self._charge_stream_request()
-            reply, work = await self._infer(item.message, None, stream=True)
+            reply, work = await self._infer(item.message, None, caller, stream=True)
             if work.final_response_flag:  # one response per request: it is also the final one
                 reply.parameters["triton_final_response"].bool_param = True
             return oip_pb2.ModelStreamInferResponse(infer_response=reply)

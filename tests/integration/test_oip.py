@@ -329,6 +329,12 @@ def test_parameters_reach_the_mesh(oip: oip_pb2_grpc.GRPCInferenceServiceStub, c
     with pytest.raises(grpc.RpcError) as info:  # 1 microsecond: gone before the first hop answers
         oip.ModelInfer(_with(_text_request(TEXTS[:1], raw=True), timeout=1), timeout=60)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+    with pytest.raises(grpc.RpcError) as info:  # the priority reaches the router's scheduler (levels 1..3)
+        oip.ModelInfer(_with(_text_request(TEXTS[:1], raw=True), priority=9), timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority: 9 is out of range" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:  # so does x-shardmesh-priority metadata, as on shardmesh.v1
+        oip.ModelInfer(_text_request(TEXTS[:1], raw=True), timeout=60, metadata=(("x-shardmesh-priority", "7"),))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "x-shardmesh-priority" in info.value.details()
 
 
 @pytest.mark.integration
