@@ -17,8 +17,9 @@ SUITES: dict[str, str] = {
     "infer": "services.bench.infer:run",
     "failover": "services.bench.failover:run",
     "generate": "services.bench.generate:run",
-    "balance": "services.bench.balance:run",  # --balancer policies on one heterogeneous mesh
     "placement": "services.bench.placement:run",  # planned vs even split on heterogeneous workers (docs/placement.md)
+    "balance": "services.bench.balance:run",  # --balancer policies on one heterogeneous mesh
+    "schedule": "services.bench.schedule:run",  # router scheduling policies (docs/scheduling.md)
 }
 NOT_IMPLEMENTED_EXIT = 2
 
