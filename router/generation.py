@@ -13,6 +13,9 @@ position gets the same replay, without being counted as failed. Every failover o
 retry from the router's budget. Worker-side session ids carry the router's nonce and a per-request
 number (never the bare client id), and each session has a random key that every step and the final
 CloseSession carry, so only this router can step or close it.
+
+Each step runs under the router's scheduler (``gate``, router/scheduling): with mlfq, priority and fair
+every step waits for its own pipeline slot, so short requests pass long generations at token boundaries.
 """
 
 from __future__ import annotations

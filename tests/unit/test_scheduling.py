@@ -328,3 +328,23 @@ async def test_limit_follows_capacity_callable() -> None:
 def test_settings_reject_default_outside_levels() -> None:
     with pytest.raises(ValueError, match="--default-priority 4"):
         SchedulerSettings(priority_levels=3, default_priority=4)
+
+
+async def test_queue_time_and_refusals_are_prometheus_metrics() -> None:
+    from prometheus_client import REGISTRY
+
+    labels = {"priority": "1", "tenant": "metrics-tenant", "kind": "infer"}
+    before = REGISTRY.get_sample_value("shardmesh_queue_seconds_count", labels) or 0.0
+    s = Scheduler(SchedulerSettings(schedule="priority", max_concurrency=1, queue_size=1), observer=SchedulerMetrics())
+    held = s.ticket("infer", 1, "metrics-tenant")
+    await s.acquire(held, far())
+    waiter = asyncio.create_task(s.acquire(s.ticket("infer", 1, "metrics-tenant"), far()))
+    await asyncio.sleep(0.05)
+    with pytest.raises(ResourceExhausted):
+        await s.acquire(s.ticket("infer", 1, "metrics-tenant"), far())
+    s.release(held, None)
+    await waiter
+    assert REGISTRY.get_sample_value("shardmesh_queue_seconds_count", labels) == before + 2
+    assert (REGISTRY.get_sample_value("shardmesh_queue_seconds_sum", labels) or 0.0) >= 0.04  # the waiter's wait
+    refused = {"priority": "1", "tenant": "metrics-tenant", "reason": "full"}
+    assert REGISTRY.get_sample_value("shardmesh_schedule_refused_total", refused) == 1.0
