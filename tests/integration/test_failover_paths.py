@@ -206,3 +206,40 @@ def test_a_replica_answering_internal_is_failed_over_and_ejected() -> None:
     finally:
         for proc, _ in started:
             proc.stop()
+
+
+def test_the_chaos_harness_times_when_a_killed_process_closes_its_sockets() -> None:
+    """A SIGKILLed process's peer sees EOF only once the kernel freed its memory; the harness measures that
+    instant (services/chaos/injector.py), which bounds how soon any failover can react to a kill."""
+    import subprocess
+    import sys
+    import time
+
+    from services.chaos.injector import _sockets_closed_ms
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        child_code = (
+            "import socket, threading, time\n"
+            "b = bytearray(64 << 20)\n"
+            "for i in range(0, len(b), 4096): b[i] = 1\n"  # resident memory for the kernel to free
+            "threading.Thread(target=time.sleep, args=(100,), daemon=True).start()\n"  # a second thread
+            f"s = socket.create_connection(('127.0.0.1', {server.getsockname()[1]}))\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(100)\n"
+        )
+        child = subprocess.Popen([sys.executable, "-c", child_code], stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+            peer, _ = server.accept()
+            with peer:
+                killed = time.monotonic()
+                os.kill(child.pid, signal.SIGKILL)
+                closed_ms = asyncio.run(_sockets_closed_ms(child.pid, killed))
+                assert closed_ms is not None and 0 <= closed_ms < 10_000
+                peer.setblocking(False)
+                assert peer.recv(1) == b"", "the harness said closed but the peer saw no EOF"
+        finally:
+            child.kill()
+            child.wait(10)
