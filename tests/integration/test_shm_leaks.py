@@ -45,7 +45,7 @@ class Mesh:
         return {p.pid for p in self.procs.values()}
 
 
-def _segments(pids: set[int]) -> list[str]:
+def segments_of(pids: set[int]) -> list[str]:
     """Segments in the private directory made by these processes (other meshes on the host are ignored)."""
     out = []
     for entry in os.scandir(shm.SHM_DIR):
@@ -57,7 +57,7 @@ def _segments(pids: set[int]) -> list[str]:
 
 def _wait_no_segments(pids: set[int], timeout_s: float = 15.0) -> list[str]:
     deadline = time.monotonic() + timeout_s
-    while (left := _segments(pids)) and time.monotonic() < deadline:
+    while (left := segments_of(pids)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
 
@@ -116,7 +116,7 @@ async def _storm(mesh: Mesh, count: int, seed: int) -> dict[str, int]:
 
 def test_storm_of_timeouts_and_cancels_leaves_no_segments(mesh: Mesh) -> None:
     pids = mesh.pids() | {os.getpid()}
-    assert _segments(pids) == []  # baseline: nothing of this mesh's processes
+    assert segments_of(pids) == []  # baseline: nothing of this mesh's processes
     started = time.monotonic()
     outcomes = asyncio.run(_storm(mesh, count=16, seed=7))
     print(f"\nstorm outcomes ({time.monotonic() - started:.0f} s):", outcomes)
@@ -145,10 +145,10 @@ def test_a_sigkilled_workers_segments_are_swept_by_the_next_start(mesh: Mesh) ->
         c.send(signal.SIGSTOP)
         call = stub.Forward.future(request, timeout=120)
         deadline = time.monotonic() + 90
-        while not _segments({b.pid}):
+        while not segments_of({b.pid}):
             assert time.monotonic() < deadline, "b never wrote its output segment"
             time.sleep(0.1)
-        orphans = _segments({b.pid})
+        orphans = segments_of({b.pid})
         b.send(signal.SIGKILL)
         c.send(signal.SIGKILL)
         b.wait(10)
