@@ -96,12 +96,16 @@ async def serve(config: WorkerConfig, fault_injection: str | None = None) -> int
 
     def build_core(stage: StageModel) -> WorkerCore:
         """One stage's engine, sessions and core (again for each move of a --layers auto worker)."""
-        engine = StageEngine(stage, worker_id, config.max_inflight, max_batch_tokens=config.max_batch_tokens)
+        engine = StageEngine(
+            stage, worker_id, config.max_inflight, max_batch_tokens=config.max_batch_tokens,
+            max_batch_size=config.max_batch_size, max_queue_delay_us=config.max_queue_delay_us,
+        )
         sessions = None
         if hasattr(stage, "step"):  # llama stages keep per-session KV caches for generation
             sessions = SessionService(
                 stage, engine, budget_bytes=config.cache_budget_bytes, default_ttl_s=config.session_ttl_s,
                 batching=not config.no_batching,
+                prefix_cache=config.prefix_cache, prefix_block_tokens=config.prefix_block_tokens,
             )
         return WorkerCore(
             stage, engine, config.max_tensor_bytes, address, codec.dtype_from_name(config.wire_dtype), Relay(peers, worker_id, config.use_shm, mesh_key), config.use_shm,

@@ -1,5 +1,13 @@
 """Generation sessions on a worker: one KV cache per session for this stage's layers, steps in order,
-and continuous batching of concurrent sessions' decode steps into one forward pass.
+continuous batching of concurrent sessions' decode steps into one forward pass, batched prefills, and
+automatic prefix caching (:mod:`services.models.prefix_cache`).
+
+Prefills (position 0, several tokens) that are queued together run as one right-padded forward pass:
+sorted by length, a group holds rows whose lengths differ by at most ``max(PREFILL_PAD_TOKENS, 1/4 of
+the shortest)``, so no row is padded by more than that, and at most ``MAX_PREFILL_BATCH`` rows and
+``--max-batch-tokens`` padded tokens. A prompt whose leading blocks are cached restores their keys and
+values and computes only the rest. ``batching=False`` (``--no-batching``) runs every step alone and
+turns the prefix cache off: each step is then the same computation as in one process, bit for bit.
 
 Position 0 opens a session; every later step names the position it starts at and is refused if the
 cache holds a different number of tokens (no silent off-by-one after a failover: the router replays
@@ -15,14 +23,17 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from services.errors import FailedPrecondition, Unavailable
+from services.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from services.models.base import StageModel
+from services.models.interrupt import interruptible
 from services.models.kv_cache import SessionCache, SessionCacheStore
+from services.models.prefix_cache import DEFAULT_BLOCK_TOKENS, PrefixCache, joined_kv, joined_output
 from shard_worker.engine import StageEngine
 
 log = logging.getLogger(__name__)
@@ -30,6 +41,13 @@ log = logging.getLogger(__name__)
 EXPIRY_INTERVAL_S = 1.0
 DRAIN_POLL_S = 0.05
 MAX_DECODE_BATCH = 32
+MAX_PREFILL_BATCH = 16
+# Intra-op threads for a batch of decode steps. Its matrix products are a few rows by the weights: memory
+# bound, so a second thread gains little, while an OpenMP barrier stalls for a whole scheduler slice when
+# the cores are shared (several workers, a router, other load on one host). Measured on the 2-core dev
+# host under load: one SmolLM2 linear for 8 rows took 1.3 ms on one thread, 64-120 ms on two.
+DECODE_THREADS = 1
+PREFILL_PAD_TOKENS = 32  # padding bound of a batched prefill row: max(this, a quarter of the shortest row)
 
 
 @dataclass
@@ -38,6 +56,36 @@ class _Decode:
     cache: SessionCache
     position: int
     done: asyncio.Future[torch.Tensor]
+
+
+@dataclass(eq=False)
+class _Prefill:
+    x: torch.Tensor
+    cache: SessionCache
+    taken: bool = False  # claimed by a compute job (its own or an earlier one)
+    output: torch.Tensor | None = None
+    error: BaseException | None = None
+    cached_tokens: int = 0  # prompt positions restored from the prefix cache
+
+
+def prefill_groups(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices of prefills to run together: sorted by length, each group's longest row at most
+    ``max(PREFILL_PAD_TOKENS, shortest // 4)`` longer than its shortest, ``max_rows`` rows and
+    ``max_tokens`` padded tokens (a row longer than that still runs, alone)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        group = groups[-1] if groups else None
+        if group is not None:
+            shortest, n = lengths[group[0]], lengths[i]
+            if (
+                n - shortest <= max(PREFILL_PAD_TOKENS, shortest // 4)
+                and len(group) < max_rows
+                and (len(group) + 1) * n <= max_tokens
+            ):
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
 
 
 class SessionService:
@@ -49,17 +97,23 @@ class SessionService:
         budget_bytes: int,
         default_ttl_s: float,
         batching: bool = True,
+        prefix_cache: bool = True,
+        prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS,
     ) -> None:
         if not hasattr(stage, "step"):
             raise FailedPrecondition(f"model {stage.source.model_id} ({stage.source.architecture}) has no generation sessions")
         self._stage: Any = stage
         self._engine = engine
-        self.store = SessionCacheStore(budget_bytes, stage.kv_bytes_per_token)  # type: ignore[attr-defined]
+        prefix = PrefixCache(prefix_block_tokens) if prefix_cache and batching else None
+        self.store = SessionCacheStore(budget_bytes, stage.kv_bytes_per_token, prefix)  # type: ignore[attr-defined]
         self._default_ttl_s = default_ttl_s
         self._batching = batching
         self._order: dict[str, asyncio.Lock] = {}
         self._queue: list[_Decode] = []
         self._queue_lock = threading.Lock()  # the compute thread takes the queue; the loop appends
+        self._prefills: list[_Prefill] = []
+        self.prefill_batches = 0  # forward passes that ran more than one prefill
+        self.prefix_tokens_reused = 0
         self._drain_scheduled = False
         self.draining = False
         self.batches_run = 0
@@ -86,6 +140,8 @@ class SessionService:
             cache = self.store.prepare_step(session_id, position, tokens, now, key=key)
             if tokens == 1 and self._batching:
                 return await self._decode_batched(x, cache, position)
+            if position == 0 and self._batching:
+                return await self._prefill(x, cache, deadline)
             stage = self._stage
             result = await self._engine.run(
                 lambda: stage.step(x, session_cache=cache, position=position),
@@ -114,7 +170,8 @@ class SessionService:
                 batch, self._queue = self._queue[:MAX_DECODE_BATCH], self._queue[MAX_DECODE_BATCH:]
                 self._drain_scheduled = bool(self._queue)
             try:
-                return batch, stage.step_batch([(d.x, d.cache, d.position) for d in batch])
+                with intra_op_threads(DECODE_THREADS):
+                    return batch, stage.step_batch([(d.x, d.cache, d.position) for d in batch])
             except BaseException as exc:  # noqa: BLE001 - delivered to each waiting step below
                 return batch, exc
 
@@ -140,6 +197,82 @@ class SessionService:
                 item.done.set_exception(outputs)
             else:
                 item.done.set_result(outputs[i])
+
+    async def _prefill(self, x: torch.Tensor, cache: SessionCache, deadline: float | None) -> torch.Tensor:
+        """Queues this prefill; the first compute job to start runs every prefill queued by then.
+
+        Each prefill is admitted as its own request (slot, deadline, work limit); a job that finds its
+        prefill already done by an earlier job returns at once. A batch of several sessions is not
+        interrupted by one caller's cancellation or deadline (the others still want their results).
+        """
+        item = _Prefill(x, cache)
+        with self._queue_lock:
+            self._prefills.append(item)
+
+        def job() -> None:
+            with self._queue_lock:
+                batch = [p for p in self._prefills if not p.taken]
+                for p in batch:
+                    p.taken = True
+                self._prefills = []
+            if batch == [item]:
+                self._run_prefills(batch)
+            elif batch:
+                with interruptible(None):
+                    self._run_prefills(batch)
+
+        try:
+            await self._engine.run(job, deadline, work=(1, int(x.shape[1])))
+        finally:
+            with self._queue_lock:
+                if not item.taken:  # refused, timed out or cancelled before any job took it
+                    item.taken = True
+                    self._prefills = [p for p in self._prefills if p is not item]
+        if item.error is not None:
+            raise item.error
+        if item.output is None:
+            raise ResourceExhausted("prefill was dropped before it ran; retry")  # not reached: a job took it
+        return item.output
+
+    def _run_prefills(self, batch: list[_Prefill]) -> None:
+        """In the compute thread: prefix-cache hits compute their suffix alone; the rest run in padded groups."""
+        stage, store = self._stage, self.store
+        digests: dict[int, list[bytes]] = {}
+        plain: list[_Prefill] = []
+        for item in batch:
+            item_digests, blocks = store.prefix_match(item.x)
+            digests[id(item)] = item_digests
+            block_tokens = store.prefix.block_tokens if store.prefix is not None else 0
+            hit = min(len(blocks) * block_tokens, int(item.x.shape[1]) - 1)  # the last position is always computed
+            if hit <= 0:
+                plain.append(item)
+                continue
+            try:
+                item.cache.restore(joined_kv(blocks, hit))
+                out = stage.step(item.x[:, hit:], session_cache=item.cache, position=hit)
+                head = joined_output(blocks, hit)
+                item.output = torch.cat([head, out], dim=1) if head is not None and not stage.is_last else out
+                item.cached_tokens = hit
+                self.prefix_tokens_reused += hit
+            except BaseException as exc:  # noqa: BLE001 - delivered to this prefill's caller
+                item.cache.rollback(0)
+                item.error = exc
+        lengths = [int(p.x.shape[1]) for p in plain]
+        for group in prefill_groups(lengths, MAX_PREFILL_BATCH, self._engine.max_batch_tokens):
+            items = [plain[i] for i in group]
+            try:
+                outputs = stage.prefill_batch([(p.x, p.cache) for p in items])
+            except BaseException as exc:  # noqa: BLE001 - every prefill of the group gets it (caches rolled back)
+                for p in items:
+                    p.error = exc
+                continue
+            if len(items) > 1:
+                self.prefill_batches += 1
+            for p, out in zip(items, outputs, strict=True):
+                p.output = out
+        for item in batch:
+            if item.error is None and item.output is not None and store.prefix is not None:
+                store.prefix_insert(item.x, digests[id(item)], item.cache, None if stage.is_last else item.output)
 
     def close(self, session_id: str, key: bytes = b"") -> bool:
         """Frees the session; PermissionDenied (and nothing freed) if ``key`` is not its owner's."""
@@ -170,6 +303,20 @@ class SessionService:
 
     def start(self) -> asyncio.Task[None]:
         return asyncio.create_task(self.expire_forever(), name="session-expiry")
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """Runs the block with at most ``n`` torch intra-op threads (in this compute thread), then restores."""
+    previous = torch.get_num_threads()
+    if previous <= n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 async def stop_task(task: asyncio.Task[None] | None) -> None:

@@ -129,6 +129,8 @@ class SessionStage(Protocol):
 
     def step_batch(self, inputs: Sequence[tuple[torch.Tensor, SessionCache, int]]) -> list[torch.Tensor]: ...
 
+    def prefill_batch(self, inputs: Sequence[tuple[torch.Tensor, SessionCache]]) -> list[torch.Tensor]: ...
+
 
 @dataclass(frozen=True)
 class GeneratedToken:

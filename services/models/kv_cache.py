@@ -23,6 +23,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from services.models.prefix_cache import PrefixBlock, PrefixCache, block_digests, make_blocks
 
 MIB = 1 << 20
 
@@ -67,6 +68,14 @@ class SessionCache:
                 dynamic.values = kv[1][..., :position, :].clone()
         self.position = position
 
+    def restore(self, layer_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Fills an empty session with ``layer_kv`` (per local layer, e.g. prefix-cache blocks it copied)."""
+        if self.position != 0:
+            raise FailedPrecondition(f"session {self.session_id!r}: only an empty session takes a cached prefix")
+        for layer, (keys, values) in enumerate(layer_kv):
+            self.cache.update(keys, values, layer)
+        self.position = int(layer_kv[0][0].shape[-2]) if layer_kv else 0
+
     def layer_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Keys and values ``[1, kv_heads, position, head_dim]`` of each layer that holds any."""
         return [kv for layer in self.cache.layers if (kv := _layer_kv(layer)) is not None]
@@ -82,13 +91,17 @@ class SessionCacheStore:
 
     ``bytes_per_token`` (keys + values of all this stage's layers for one token) sizes the admission
     checks before a step runs; what is used is always measured from the tensors.
+
+    ``prefix``: the stage's prefix cache (or None). Its blocks share the budget with the sessions but
+    are evicted, least recently used first, before a session is refused.
     """
 
-    def __init__(self, budget_bytes: int, bytes_per_token: int) -> None:
+    def __init__(self, budget_bytes: int, bytes_per_token: int, prefix: PrefixCache | None = None) -> None:
         if budget_bytes <= 0 or bytes_per_token <= 0:
             raise InvalidArgument(f"need a positive budget and bytes per token; got {budget_bytes}, {bytes_per_token}")
         self.budget_bytes = budget_bytes
         self.bytes_per_token = bytes_per_token
+        self.prefix = prefix
         self._sessions: dict[str, SessionCache] = {}
         self._lock = threading.Lock()  # steps run in worker threads; open/close/expire on the event loop
 
@@ -98,8 +111,47 @@ class SessionCacheStore:
 
     @property
     def bytes_used(self) -> int:
+        """Sessions' caches plus cached prefix blocks (what Describe reports as cache_used_bytes)."""
         with self._lock:
-            return sum(s.nbytes for s in self._sessions.values())
+            return self._sessions_bytes() + self._prefix_bytes()
+
+    @property
+    def prefix_bytes(self) -> int:
+        with self._lock:
+            return self._prefix_bytes()
+
+    def prefix_match(self, x: torch.Tensor) -> tuple[list[bytes], list[PrefixBlock]]:
+        """The digests of ``x``'s full blocks and the cached blocks it starts with (none without a prefix cache)."""
+        if self.prefix is None:
+            return [], []
+        digests = block_digests(x, self.prefix.block_tokens)  # hashing outside the lock
+        with self._lock:
+            return digests, self.prefix.match(x, digests)
+
+    def prefix_insert(
+        self, x: torch.Tensor, digests: list[bytes], session: SessionCache, output: torch.Tensor | None
+    ) -> int:
+        """Caches the full blocks of a prompt just prefilled into ``session`` that are not cached yet, if the
+        budget has room once older blocks are evicted (sessions are never refused for it); returns blocks added."""
+        prefix = self.prefix
+        if prefix is None or not digests:
+            return 0
+        with self._lock:
+            missing = prefix.missing(digests)
+        if not missing:
+            return 0
+        blocks = make_blocks(x, digests, missing, session.layer_kv(), output, prefix.block_tokens)
+        needed = sum(b.nbytes for b in blocks)
+        with self._lock:
+            sessions = self._sessions_bytes()
+            if sessions + needed > self.budget_bytes:
+                return 0  # live sessions fill the budget: cache nothing rather than refuse them later
+            over = sessions + prefix.nbytes + needed - self.budget_bytes
+            if over > 0:
+                prefix.evict(over)
+            for block in blocks:
+                prefix.insert(block)
+        return len(blocks)
 
     def open(
         self, session_id: str, ttl_s: float, now: float, *, reserve_tokens: int = 1, key: bytes = b""
@@ -172,9 +224,18 @@ class SessionCacheStore:
         session.expires_at = now + session.ttl_s
         return session
 
+    def _sessions_bytes(self) -> int:
+        return sum(s.nbytes for s in self._sessions.values())
+
+    def _prefix_bytes(self) -> int:
+        return self.prefix.nbytes if self.prefix is not None else 0
+
     def _admit(self, tokens: int, what: str) -> None:
-        used = sum(s.nbytes for s in self._sessions.values())
+        used = self._sessions_bytes()
         needed = tokens * self.bytes_per_token
+        over = used + self._prefix_bytes() + needed - self.budget_bytes
+        if over > 0 and self.prefix is not None:
+            self.prefix.evict(over)  # cached prefixes go first (least recently used), sessions last
         if used + needed > self.budget_bytes:
             raise ResourceExhausted(
                 f"cache budget {_mib(self.budget_bytes)} full: {len(self._sessions)} sessions use {_mib(used)}; "

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import LlamaConfig
+from transformers import DynamicCache, LlamaConfig
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
@@ -192,6 +192,49 @@ class LlamaStage(SpanStage):
         for cache in sessions:
             cache.advance(1)
         return list(output.split(1))
+
+    def prefill_batch(self, inputs: Sequence[tuple[torch.Tensor, SessionCache]]) -> list[torch.Tensor]:
+        """Prefills (position 0) of several empty sessions in one forward pass, right-padded to the longest.
+
+        Padding sits after each row's last token, so the causal mask alone keeps it out of every real
+        position (nothing real attends to a later position); each session's cache gets its own rows'
+        first ``T_i`` keys and values. Outputs are each row's own ``[1, T_i, hidden]``, or on the last
+        stage the logits of its last real position ``[1, 1, vocab]``, as :meth:`step` returns them. They
+        agree with solo prefills up to float rounding (a batched matrix product sums in another order).
+        """
+        if len(inputs) <= 1:
+            return [self.step(x, session_cache=cache, position=0) for x, cache in inputs]
+        sessions = [cache for _, cache in inputs]
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise InvalidArgument("a session may appear only once in a batch of prefills")
+        for x, cache in inputs:
+            self._check_step_input(x, cache, 0)
+        lengths = [int(x.shape[1]) for x, _ in inputs]
+        width = max(lengths)
+        rows = [torch.nn.functional.pad(x, (0, width - x.shape[1]) if x.dim() == 2 else (0, 0, 0, width - x.shape[1]))
+                for x, _ in inputs]
+        batch_cache = DynamicCache()
+        try:
+            with torch.inference_mode():
+                x = torch.cat(rows)
+                position_ids = torch.arange(width).unsqueeze(0).expand(len(rows), width)
+                hidden = self.embed_tokens(x) if self.embed_tokens is not None else x
+                mask = create_causal_mask(
+                    config=self.config, inputs_embeds=hidden, attention_mask=None, cache=batch_cache,
+                    position_ids=position_ids,
+                )
+                hidden = self._layers(hidden, mask, position_ids, batch_cache)
+                layer_kv = [(layer.keys, layer.values) for layer in batch_cache.layers]
+                for row, (cache, n) in enumerate(zip(sessions, lengths, strict=True)):
+                    cache.restore([(k[row : row + 1, :, :n].clone(), v[row : row + 1, :, :n].clone()) for k, v in layer_kv])
+                if self.norm is None or self.lm_head is None:
+                    return [hidden[row : row + 1, :n] for row, n in enumerate(lengths)]
+                last = torch.stack([hidden[row, n - 1] for row, n in enumerate(lengths)]).unsqueeze(1)
+                return list(self.lm_head(self.norm(last)).split(1))
+        except BaseException:
+            for cache in sessions:
+                cache.rollback(0)
+            raise
 
     def _run_decode_batch(
         self, x: torch.Tensor, positions: list[int], batch_cache: LeftPaddedBatchCache
