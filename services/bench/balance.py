@@ -3,9 +3,10 @@
 One minilm mesh: stage 0:3 has two replicas, ``fast`` and ``slow``; stage 3:6 has one (``tail``).
 ``slow`` sits behind the chaos fault proxy (services/chaos/proxy.py), which holds every byte sent to it
 back by ``SLOW_MS`` (a replica on a slow link or a slower machine, as the router sees it). The workers
-run once for the whole suite; for each policy a fresh router (``--balancer POLICY``) is started over
-the same workers, warmed up, and measured at every concurrency level with closed-loop clients on the
-same token ids. The table gives p50, p99, throughput and the share of requests the slow replica served.
+run once for the whole suite; one router per policy (``--balancer POLICY``) runs over the same workers,
+and the measurement interleaves them: ``ROUNDS`` rounds, each giving every policy (in a rotating order)
+its share of the requests at every concurrency level, closed-loop clients, the same token ids. The table
+gives p50, p99, throughput and the share of requests the slow replica served.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import grpc
 import torch
 
 from services.bench.load import closed_loop_async
@@ -29,6 +31,7 @@ from services.bench.stats import percentile, throughput_rps
 from services.bench.workloads import parse_concurrency
 from services.chaos.proxy import FaultProxy, Rule
 from services.client import AsyncRouterClient
+from services.gen.shardmesh.v1 import worker_pb2, worker_pb2_grpc
 from services.layers import LayerSpan
 from services.localmesh.launcher import Child, LocalMesh, router_argv
 from services.localmesh.spec import MeshSpec, WorkerSpec
@@ -37,7 +40,8 @@ from services.models.registry import resolve_model
 POLICIES = ("round_robin", "least_connections", "least_response_time", "p2c", "weighted")
 MODEL = "minilm"
 SEQ_LEN = 14  # the issue's short texts
-SLOW_MS = 25.0
+SLOW_MS = 100.0  # about one loaded hop of minilm 0:3 here; unloaded the hop is ~5 ms
+ROUNDS = 4
 REQUESTS = 200
 QUICK_REQUESTS = 24
 WARMUP = 8
@@ -120,70 +124,115 @@ def _spec(threads: int) -> MeshSpec:
     )
 
 
-async def _measure_policy(
-    policy: str, spec: MeshSpec, addresses: list[str], levels: Sequence[int], requests: int,
-    ids: torch.Tensor, reference: list[torch.Tensor],
-) -> list[PolicyRow]:  # fmt: skip
-    router = Child(f"router-{policy}", router_argv(spec, addresses, ("--balancer", policy)))
-    await router.spawn(False)
-    rows: list[PolicyRow] = []
-    try:
-        await router.wait_listening(START_TIMEOUT_S)
-        await router.wait_serving(START_TIMEOUT_S)
-        async with AsyncRouterClient(router.address) as client:
-            first_hops: list[str] = []
-            same = [True]
+@dataclass
+class _Tally:
+    """What one policy at one level measured, summed over the rounds."""
 
-            async def call(_: int) -> RequestSample:
-                t0 = time.perf_counter()
-                result = await client.infer(tensor=ids, timeout_s=REQUEST_TIMEOUT_S)
-                latency_ms = 1000 * (time.perf_counter() - t0)
-                first_hops.append(result.route[0] if result.route else "")
-                if not reference:
-                    reference.append(result.output)
-                elif not torch.equal(result.output, reference[0]):
-                    same[0] = False
-                return RequestSample(latency_ms)
+    latencies_ms: list[float]
+    first_hops: list[str]
+    wall_s: float = 0.0
+    failures: int = 0
 
-            for _ in range(WARMUP):  # both replicas sampled, connections open
+
+class _PolicyRouter:
+    """One router (``--balancer POLICY``) over the shared workers, and a client to it."""
+
+    def __init__(self, policy: str, spec: MeshSpec, addresses: list[str]) -> None:
+        self.policy = policy
+        self.child = Child(f"router-{policy}", router_argv(spec, addresses, ("--balancer", policy)))
+        self.client: AsyncRouterClient | None = None
+
+    async def start(self) -> None:
+        await self.child.spawn(False)
+        await self.child.wait_listening(START_TIMEOUT_S)
+        await self.child.wait_serving(START_TIMEOUT_S)
+        self.client = AsyncRouterClient(self.child.address)
+        await self.client.wait_ready(START_TIMEOUT_S)
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+        await self.child.stop()
+
+    async def measure(
+        self, level: int, requests: int, ids: torch.Tensor, reference: list[torch.Tensor], tally: _Tally
+    ) -> bool:
+        """Closed loop of ``requests`` at ``level`` clients into ``tally``; False if an output differed."""
+        assert self.client is not None
+        client, same = self.client, [True]
+
+        async def call(_: int) -> RequestSample:
+            t0 = time.perf_counter()
+            result = await client.infer(tensor=ids, timeout_s=REQUEST_TIMEOUT_S)
+            latency_ms = 1000 * (time.perf_counter() - t0)
+            tally.first_hops.append(result.route[0] if result.route else "")
+            if not reference:
+                reference.append(result.output)
+            elif not torch.equal(result.output, reference[0]):
+                same[0] = False
+            return RequestSample(latency_ms)
+
+        if requests < 0:  # warm-up: connections open, both replicas sampled
+            for _ in range(-requests):
                 await call(-1)
-            for level in levels:
-                first_hops.clear()
-                measured = await closed_loop_async(
-                    call, requests=requests, concurrency=level, timeout_s=REQUEST_TIMEOUT_S * (requests / level + 1)
-                )
-                row = summarise(
-                    policy, level, [s.latency_ms for s in measured.samples], first_hops, measured.wall_s,
-                    measured.failures, same[0],
-                )  # fmt: skip
-                _say(f"{policy} at {level} clients: p50 {row.p50_ms or 0:.1f} ms, p99 {row.p99_ms or 0:.1f} ms, "
-                     f"{row.throughput_rps or 0:.1f} req/s, {100 * (row.slow_share or 0):.0f} % to slow, "
-                     f"load average {load_average()}")  # fmt: skip
-                rows.append(row)
-    finally:
-        await router.stop()
-    return rows
+            tally.first_hops.clear()
+            return same[0]
+        measured = await closed_loop_async(
+            call, requests=requests, concurrency=level, timeout_s=REQUEST_TIMEOUT_S * (requests / level + 1)
+        )
+        tally.latencies_ms += [s.latency_ms for s in measured.samples]
+        tally.wall_s += measured.wall_s
+        tally.failures += measured.failures
+        return same[0]
+
+
+async def _reported_speed(address: str) -> float:
+    """Capacity.speed from the worker's Describe (0 = unknown)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await worker_pb2_grpc.ShardWorkerStub(channel).Describe(worker_pb2.DescribeRequest(), timeout=10)
+    return round(reply.capacity.speed, 3)
 
 
 async def _run(levels: Sequence[int], requests: int, threads: int, slow_ms: float) -> list[PolicyRow]:
+    """Every policy's router runs at once; the rounds interleave policies (in a rotating order), so load
+    from outside the bench that drifts during the run falls on every policy alike."""
     spec = _spec(threads)
     mesh = LocalMesh(spec)
     proxy: FaultProxy | None = None
+    routers: list[_PolicyRouter] = []
     try:
-        started = [await mesh.start_worker(w, START_TIMEOUT_S) for w in spec.workers]
+        started = await asyncio.gather(*(mesh.start_worker(w, START_TIMEOUT_S) for w in spec.workers))
         fast, slow, tail = (c.address for c in started)
         host, port = slow.rsplit(":", 1)
         proxy = FaultProxy((host, int(port)))
         slowed = await proxy.start()
         proxy.add(Rule("delay", direction="to", delay_ms=slow_ms))
-        _say(f"workers up: fast {fast}, slow {slow} behind {slowed} (+{slow_ms:g} ms), tail {tail}")
+        speeds = {name: await _reported_speed(address) for name, address in ((FAST, fast), (SLOW, slow))}
+        _say(f"workers up: fast {fast}, slow {slow} behind {slowed} (+{slow_ms:g} ms), tail {tail}; "
+             f"speeds they report (weighted uses them): {speeds}")  # fmt: skip
+        routers = [_PolicyRouter(policy, spec, [fast, slowed, tail]) for policy in POLICIES]
+        await asyncio.gather(*(r.start() for r in routers))
         ids = torch.randint(3, resolve_model(MODEL).vocab_size, (1, SEQ_LEN), generator=torch.Generator().manual_seed(9))
         reference: list[torch.Tensor] = []
-        rows: list[PolicyRow] = []
-        for policy in POLICIES:
-            rows += await _measure_policy(policy, spec, [fast, slowed, tail], levels, requests, ids, reference)
-        return rows
+        tallies = {(r.policy, level): _Tally([], []) for r in routers for level in levels}
+        same = {r.policy: True for r in routers}
+        for r in routers:
+            same[r.policy] &= await r.measure(1, -WARMUP, ids, reference, _Tally([], []))
+        per_round = max(1, requests // ROUNDS)
+        for round_index in range(ROUNDS):
+            order = routers[round_index % len(routers):] + routers[: round_index % len(routers)]
+            for level in levels:
+                for r in order:
+                    same[r.policy] &= await r.measure(level, per_round, ids, reference, tallies[(r.policy, level)])
+            _say(f"round {round_index + 1}/{ROUNDS} done, load average {load_average()}")
+        return [
+            summarise(r.policy, level, t.latencies_ms, t.first_hops, t.wall_s, t.failures, same[r.policy])
+            for r in routers
+            for level in levels
+            for t in (tallies[(r.policy, level)],)
+        ]
     finally:
+        await asyncio.gather(*(r.stop() for r in routers), return_exceptions=True)
         if proxy is not None:
             await proxy.close()
         await mesh.stop()
