@@ -19,14 +19,17 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
+from services.bench.load import closed_loop_async
 from services.bench.machine import describe_machine, load_average
-from services.bench.mesh import RELAY_UNAVAILABLE, run_mesh
+from services.bench.mesh import RELAY_UNAVAILABLE, hop_samples, mesh_spec, run_mesh
 from services.bench.records import (
     SYSTEM_MESH_DIRECT,
     SYSTEM_MESH_RELAY,
     SYSTEM_SINGLE,
     BenchRow,
+    Measurement,
     Outcome,
+    RequestSample,
     WireSizes,
 )
 from services.bench.report import markdown_table, plot, results_document, write_json
@@ -34,6 +37,8 @@ from services.bench.single import run_single
 from services.bench.stats import summarise
 from services.bench.tdrpc import RPC_VARIANTS, run_torch_rpc
 from services.bench.workloads import BenchPlan, Workload, build_plan
+from services.client import AsyncRouterClient
+from services.localmesh.launcher import LocalMesh
 from services.models.registry import resolve_model
 
 Progress = Callable[[str], None]
@@ -41,6 +46,9 @@ FLOAT32_BYTES = 4
 SINGLE_AT_LEVEL_NOTE = (
     "single process: requests back to back at batch 1 (its best batch-1 setting); the same run as concurrency 1"
 )
+# --batching: batched outputs differ from the single process by float rounding only; the bound measured
+# for minilm is 5.5e-6 (docs/architecture.md), so a row "matches" when every output is within this.
+BATCHED_TOLERANCE = 1e-5
 
 
 def make_inputs(workload: Workload, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,13 +72,21 @@ def _failed(systems: tuple[str, ...], plan: BenchPlan, exc: BaseException, threa
     return [Outcome(system, level, None, threads, error=message) for system in systems for level in plan.concurrency]
 
 
-def run_workload(workload: Workload, plan: BenchPlan, progress: Progress) -> list[BenchRow]:
+@dataclasses.dataclass(frozen=True)
+class _Baseline:
+    """A workload's inputs and its single-process measurement, which every other system is compared with."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    single: Measurement
+    reference: torch.Tensor
+    sizes: WireSizes
+    outcomes: list[Outcome]  # the single process's row at every concurrency level
+
+
+def _baseline(workload: Workload, plan: BenchPlan, say: Progress) -> _Baseline:
     source = resolve_model(workload.model)
     ids, mask = make_inputs(workload, source.vocab_size)
-
-    def say(message: str) -> None:
-        progress(f"{workload.label}: {message}")
-
     say(f"single process, {workload.requests} requests back to back")
     single, reference, single_threads = run_single(workload, ids, mask, plan.single_threads, plan.start_timeout_s, say)
     sizes = WireSizes(
@@ -83,6 +99,18 @@ def run_workload(workload: Workload, plan: BenchPlan, progress: Progress) -> lis
         Outcome(SYSTEM_SINGLE, level, single, single_threads, note="" if level == 1 else SINGLE_AT_LEVEL_NOTE)
         for level in plan.concurrency
     ]
+    return _Baseline(ids, mask, single, reference, sizes, outcomes)
+
+
+def _progress_for(workload: Workload, progress: Progress) -> Progress:
+    return lambda message: progress(f"{workload.label}: {message}")
+
+
+def run_workload(workload: Workload, plan: BenchPlan, progress: Progress) -> list[BenchRow]:
+    say = _progress_for(workload, progress)
+    base = _baseline(workload, plan, say)
+    ids, mask, single, reference, sizes = base.ids, base.mask, base.single, base.reference, base.sizes
+    outcomes = list(base.outcomes)
     try:
         outcomes += asyncio.run(run_mesh(workload, plan, ids, mask, reference, sizes, say))
     except Exception as exc:  # noqa: BLE001 - one system failing must not lose the others' numbers
@@ -95,6 +123,140 @@ def run_workload(workload: Workload, plan: BenchPlan, progress: Progress) -> lis
             say(f"{system} failed: {exc}")
             outcomes += _failed((system,), plan, exc, plan.worker_threads)
     return [summarise(outcome, single, workload, sizes) for outcome in outcomes]
+
+
+def batched_system(max_batch_size: int) -> str:
+    return f"{SYSTEM_MESH_DIRECT} batch<={max_batch_size}" if max_batch_size > 1 else f"{SYSTEM_MESH_DIRECT} unbatched"
+
+
+async def run_batched_mesh(
+    workload: Workload,
+    plan: BenchPlan,
+    max_batch_size: int,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    reference: torch.Tensor,
+    sizes: WireSizes,
+    progress: Progress,
+) -> tuple[list[Outcome], dict[int, dict[str, float]]]:
+    """mesh-direct with every worker at ``--max-batch-size max_batch_size`` (delay 0: continuous batching),
+    at every concurrency level; also returns, per level, the hop batch sizes the workers reported."""
+    base = mesh_spec(workload, plan.worker_threads)
+    spec = dataclasses.replace(base, worker_args=(*base.worker_args, "--max-batch-size", str(max_batch_size)))
+    system = batched_system(max_batch_size)
+    mesh = LocalMesh(spec)
+    outcomes: list[Outcome] = []
+    batch_stats: dict[int, dict[str, float]] = {}
+    matched: list[bool] = []
+    hop_batches: list[int] = []
+
+    try:
+        progress(f"{system}: starting router + {len(workload.split)} workers ({', '.join(workload.split)})")
+        address = await mesh.start(plan.start_timeout_s)
+        async with AsyncRouterClient(address) as client:
+            await client.wait_ready(plan.start_timeout_s)
+
+            async def call(_: int) -> RequestSample:
+                t0 = time.perf_counter()
+                result = await client.infer(tensor=ids, attention_mask=mask, mode="direct", timeout_s=workload.request_timeout_s)
+                latency_ms = 1000 * (time.perf_counter() - t0)
+                out = result.output.reshape(reference.shape)
+                exact = bool(torch.equal(out, reference))
+                matched.append(exact or (max_batch_size > 1 and (out - reference).abs().max().item() <= BATCHED_TOLERANCE))
+                hop_batches.extend(h.batch_size or 1 for h in result.hops)
+                return RequestSample(latency_ms, hop_samples(result, sizes, relay=False))
+
+            for _ in range(workload.warmup):
+                await call(-1)
+            for level in plan.concurrency:
+                requests = workload.requests_at(level)
+                progress(f"{system}: {requests} requests at concurrency {level}")
+                matched.clear()
+                hop_batches.clear()
+                measurement = await closed_loop_async(
+                    call,
+                    requests=requests,
+                    concurrency=level,
+                    timeout_s=workload.request_timeout_s * (requests / level + 1),
+                    matches=lambda: all(matched) if matched else None,
+                )
+                mean_batch = sum(hop_batches) / len(hop_batches) if hop_batches else 0.0
+                batch_stats[level] = {"max_batch_size": max_batch_size, "mean_hop_batch": round(mean_batch, 2),
+                                      "max_hop_batch": max(hop_batches, default=0)}  # fmt: skip
+                note = f"hop batch size mean {mean_batch:.2f}, max {max(hop_batches, default=0)}"
+                if max_batch_size > 1:
+                    note += f"; 'same output' = every output within {BATCHED_TOLERANCE:g} of single (batched)"
+                outcomes.append(Outcome(system, level, measurement, plan.worker_threads, note=note))
+    finally:
+        codes = await mesh.stop()
+        progress(f"{system}: stopped (exit codes {codes})")
+    return outcomes, batch_stats
+
+
+def run_batching_workload(workload: Workload, plan: BenchPlan, progress: Progress) -> list[BenchRow]:
+    """``--batching``: the single process at batch 1, then mesh-direct once per --max-batch-size value."""
+    say = _progress_for(workload, progress)
+    base = _baseline(workload, plan, say)
+    outcomes = list(base.outcomes)
+    extras: dict[tuple[str, int], dict[str, float]] = {}
+    for size in plan.batch_sizes:
+        try:
+            found, stats = asyncio.run(
+                run_batched_mesh(workload, plan, size, base.ids, base.mask, base.reference, base.sizes, say)
+            )
+        except Exception as exc:  # noqa: BLE001 - one configuration failing must not lose the others' numbers
+            say(f"{batched_system(size)} failed: {exc}")
+            outcomes += _failed((batched_system(size),), plan, exc, plan.worker_threads)
+            continue
+        outcomes += found
+        extras.update({(batched_system(size), level): value for level, value in stats.items()})
+    rows = [summarise(outcome, base.single, workload, base.sizes) for outcome in outcomes]
+    return [dataclasses.replace(r, extra=extras.get((r.system, r.concurrency), {})) for r in rows]
+
+
+def batching_targets(rows: list[BenchRow], plan: BenchPlan) -> list[dict[str, object]]:
+    """The issue's targets, as ratios: per batched size, throughput at the highest level / single batch-1
+    (target >= 2.0) and p50 at one client / unbatched mesh p50 at one client (target <= 1.05)."""
+    def find(system: str, level: int) -> BenchRow | None:
+        return next((r for r in rows if r.system == system and r.concurrency == level and r.error is None), None)
+
+    top = max(plan.concurrency)
+    unbatched_1 = find(batched_system(1), 1)
+    targets: list[dict[str, object]] = []
+    for size in plan.batch_sizes:
+        if size == 1:
+            continue
+        at_top, at_1 = find(batched_system(size), top), find(batched_system(size), 1)
+        unbatched_top = find(batched_system(1), top)
+        entry: dict[str, object] = {"max_batch_size": size, "clients": top}
+        entry["throughput_vs_single_batch1"] = at_top.throughput_ratio if at_top else None
+        entry["throughput_vs_unbatched_mesh"] = (
+            at_top.throughput_rps / unbatched_top.throughput_rps
+            if at_top and unbatched_top and at_top.throughput_rps and unbatched_top.throughput_rps else None
+        )
+        entry["p50_1_client_vs_unbatched"] = (
+            at_1.p50_ms / unbatched_1.p50_ms if at_1 and unbatched_1 and at_1.p50_ms and unbatched_1.p50_ms else None
+        )
+        entry["throughput_target_met"] = bool(entry["throughput_vs_single_batch1"] and entry["throughput_vs_single_batch1"] >= 2.0)  # type: ignore[operator]
+        entry["p50_target_met"] = bool(entry["p50_1_client_vs_unbatched"] and entry["p50_1_client_vs_unbatched"] <= 1.05)  # type: ignore[operator]
+        targets.append(entry)
+    return targets
+
+
+def _format_targets(targets: list[dict[str, object]]) -> str:
+    def ratio_text(value: object) -> str:
+        return f"{value:.2f}x" if isinstance(value, float) else "-"
+
+    lines = []
+    for t in targets:
+        lines.append(
+            f"batch<={t['max_batch_size']}: {t['clients']} clients {ratio_text(t['throughput_vs_single_batch1'])} the single "
+            f"process's batch-1 throughput (target >= 2.0x: {'met' if t['throughput_target_met'] else 'MISSED'}), "
+            f"{ratio_text(t['throughput_vs_unbatched_mesh'])} the unbatched mesh; p50 at 1 client "
+            f"{ratio_text(t['p50_1_client_vs_unbatched'])} the unbatched mesh's (target <= 1.05x: "
+            f"{'met' if t['p50_target_met'] else 'MISSED'})"
+        )
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -123,6 +285,7 @@ def _settings(plan: BenchPlan) -> dict[str, object]:
         "single_thread_candidates": list(plan.single_threads),
         "torch_rpc_variants": {s: RPC_VARIANTS[s].describe() + ", TP_SOCKET_IFNAME=lo" for s in plan.rpc_systems},
         "workloads": [dataclasses.asdict(w) for w in plan.workloads],
+        "batching_max_batch_sizes": list(plan.batch_sizes),
     }
 
 
@@ -134,7 +297,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Runs the suite; exit 1 if a system failed for any reason other than relay not being available yet."""
     plan = build_plan(
         quick=args.quick, requests=args.requests, concurrency=args.concurrency,
-        cpu_count=os.cpu_count() or 1, environ=environ,
+        cpu_count=os.cpu_count() or 1, environ=environ, batching=getattr(args, "batching", None),
     )  # fmt: skip
     progress = progress_printer()
     started_at = _now()
@@ -144,13 +307,18 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     rows: list[BenchRow] = []
     with child_environment(plan.child_env):
         for workload in plan.workloads:
-            rows += run_workload(workload, plan, progress)
+            rows += run_batching_workload(workload, plan, progress) if plan.batch_sizes else run_workload(workload, plan, progress)
     machine["load_average_at_end"] = load_average()
     print(markdown_table(rows), flush=True)
+    targets = batching_targets(rows, plan) if plan.batch_sizes else []
+    if targets:
+        print("\n" + _format_targets(targets), flush=True)
     if args.json_path:
         document = results_document(
             rows, suite="infer", machine=machine, settings=_settings(plan), started_at=started_at, finished_at=_now()
         )
+        if targets:
+            document["batching_targets"] = targets
         write_json(args.json_path, document)
         progress(f"wrote {args.json_path}")
     if args.plot:

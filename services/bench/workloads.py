@@ -66,6 +66,15 @@ LLAMA_WIDE = Workload(
 QUICK = Workload(
     model="minilm", batch=1, seq_len=16, split=("0:2", "2:4", "4:6"), requests=6, warmup=2, request_timeout_s=60.0
 )
+# --batching: the issue's short texts (all-MiniLM-L6-v2 on ~14 tokens), where one request is mostly
+# per-call overhead and batching has the most to gain.
+MINILM_SHORT = Workload(
+    model="minilm", batch=1, seq_len=14, split=("0:2", "2:4", "4:6"), requests=320, warmup=10, request_timeout_s=60.0
+)
+BATCHING_CONCURRENCY = (1, 16)
+QUICK_BATCHING = Workload(
+    model="minilm", batch=1, seq_len=14, split=("0:2", "2:4", "4:6"), requests=8, warmup=2, request_timeout_s=60.0
+)
 
 
 @dataclass(frozen=True)
@@ -78,16 +87,24 @@ class BenchPlan:
     rpc_systems: tuple[str, ...] = (SYSTEM_TORCH_RPC,)  # which torch.distributed.rpc variants to run
     start_timeout_s: float = START_TIMEOUT_S
     quick: bool = False
+    # --batching: the workers' --max-batch-size values to compare (mesh-direct only; 1 = batching off).
+    # Empty = the ordinary suite.
+    batch_sizes: tuple[int, ...] = ()
+
+
+def _positive_ints(text: str, flag: str, what: str) -> tuple[int, ...]:
+    """``1,8`` -> (1, 8): comma-separated integers >= 1, in order, repeats dropped."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"{flag}: expected comma-separated integers like 1,8, got {text!r}") from None
+    if not values or any(value < 1 for value in values):
+        raise ConfigError(f"{flag}: {what} must be integers >= 1, got {text!r}")
+    return tuple(dict.fromkeys(values))  # keep order, drop repeats
 
 
 def parse_concurrency(text: str) -> tuple[int, ...]:
-    try:
-        levels = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ConfigError(f"--concurrency: expected comma-separated integers like 1,8, got {text!r}") from None
-    if not levels or any(level < 1 for level in levels):
-        raise ConfigError(f"--concurrency: levels must be integers >= 1, got {text!r}")
-    return tuple(dict.fromkeys(levels))  # keep order, drop repeats
+    return _positive_ints(text, "--concurrency", "levels")
 
 
 def _worker_threads(environ: Mapping[str, str], cpu_count: int) -> int:
@@ -99,16 +116,36 @@ def _worker_threads(environ: Mapping[str, str], cpu_count: int) -> int:
     return int(raw)
 
 
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """``--batching 1,8``: the workers' --max-batch-size values to compare (1 = batching off)."""
+    return _positive_ints(text, "--batching", "--max-batch-size values")
+
+
 def build_plan(
-    *, quick: bool, requests: int, concurrency: str, cpu_count: int, environ: Mapping[str, str]
+    *,
+    quick: bool,
+    requests: int,
+    concurrency: str,
+    cpu_count: int,
+    environ: Mapping[str, str],
+    batching: str | None = None,
 ) -> BenchPlan:
-    """The run's plan. ``--quick`` uses a short minilm input and concurrency 1,2 (unless levels are given)."""
+    """The run's plan. ``--quick`` uses a short minilm input and concurrency 1,2 (unless levels are given).
+
+    ``batching`` (``--batching 1,8``): instead of the ordinary workloads, minilm on short texts through
+    mesh-direct once per --max-batch-size value, at concurrency 1,16 unless levels are given.
+    """
     if requests < 0:
         raise ConfigError(f"--requests: expected an integer >= 0 (0 = suite default), got {requests}")
-    workloads: tuple[Workload, ...] = (QUICK,) if quick else (MINILM, LLAMA_WIDE)
+    if batching:
+        workloads: tuple[Workload, ...] = (QUICK_BATCHING,) if quick else (MINILM_SHORT,)
+    else:
+        workloads = (QUICK,) if quick else (MINILM, LLAMA_WIDE)
     if requests:
         workloads = tuple(replace(w, requests=requests) for w in workloads)
     levels = QUICK_CONCURRENCY if quick and concurrency == DEFAULT_CONCURRENCY else parse_concurrency(concurrency)
+    if batching and concurrency == DEFAULT_CONCURRENCY:
+        levels = BATCHING_CONCURRENCY
     return BenchPlan(
         workloads=workloads,
         concurrency=levels,
@@ -116,6 +153,7 @@ def build_plan(
         child_env=tuple(CHILD_ENV.items()),
         single_threads=tuple(sorted({1, max(1, cpu_count)})),
         # The shm variant only in full runs: it is the slower one to run on 2 cores and adds ~40 s per workload.
-        rpc_systems=(SYSTEM_TORCH_RPC,) if quick else (SYSTEM_TORCH_RPC, SYSTEM_TORCH_RPC_SHM),
+        rpc_systems=() if batching else (SYSTEM_TORCH_RPC,) if quick else (SYSTEM_TORCH_RPC, SYSTEM_TORCH_RPC_SHM),
         quick=quick,
+        batch_sizes=parse_batch_sizes(batching) if batching else (),
     )

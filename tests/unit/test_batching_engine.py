@@ -50,16 +50,22 @@ async def _hold(engine: StageEngine) -> tuple[_Gate, asyncio.Task[Any]]:
     return gate, task
 
 
+async def _queued_together(engine: StageEngine, requests: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[Any]:
+    """Holds the compute thread while ``requests`` queue, then lets them run; results (or errors) in order."""
+    gate, held = await _hold(engine)
+    tasks = [asyncio.create_task(engine.forward(x, m, lambda out: out, None)) for x, m in requests]
+    await asyncio.sleep(0.2)
+    gate.release.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    await held
+    return results
+
+
 async def test_queued_forwards_run_as_one_batch_within_the_bound(stage: Any) -> None:
     engine = StageEngine(stage, "w-test", max_inflight=16, max_batch_size=8)
     lengths = [14, 12, 16, 9, 14, 40]  # 40 is beyond the padding bound of the others: a batch of its own
     inputs = [_ids(n, i) for i, n in enumerate(lengths)]
-    gate, held = await _hold(engine)
-    tasks = [asyncio.create_task(engine.forward(x, None, lambda out: out, None)) for x in inputs]
-    await asyncio.sleep(0.2)
-    gate.release.set()
-    results = await asyncio.gather(*tasks)
-    await held
+    results = await _queued_together(engine, [(x, None) for x in inputs])
     assert [r.batch_size for r in results] == [5, 5, 5, 5, 5, 1]
     for x, result in zip(inputs, results, strict=True):
         solo = stage.forward(x, None)
@@ -72,12 +78,7 @@ async def test_queued_forwards_run_as_one_batch_within_the_bound(stage: Any) -> 
 async def test_max_batch_size_1_runs_each_request_alone_bit_exactly(stage: Any) -> None:
     engine = StageEngine(stage, "w-test", max_inflight=16, max_batch_size=1)
     inputs = [_ids(14, i) for i in range(4)]
-    gate, held = await _hold(engine)
-    tasks = [asyncio.create_task(engine.forward(x, None, lambda out: out, None)) for x in inputs]
-    await asyncio.sleep(0.2)
-    gate.release.set()
-    results = await asyncio.gather(*tasks)
-    await held
+    results = await _queued_together(engine, [(x, None) for x in inputs])
     assert [r.batch_size for r in results] == [1, 1, 1, 1]
     for x, result in zip(inputs, results, strict=True):
         assert torch.equal(result.value, stage.forward(x, None))
@@ -90,12 +91,7 @@ async def test_masked_and_unmasked_requests_batch_and_keep_their_own_padding(sta
     mask = torch.ones_like(padded)
     mask[1, 9:] = 0  # the request's own padding: its second sequence has 9 tokens
     requests = [(padded, mask), (_ids(15, 3), None)]
-    gate, held = await _hold(engine)
-    tasks = [asyncio.create_task(engine.forward(x, m, lambda out: out, None)) for x, m in requests]
-    await asyncio.sleep(0.2)
-    gate.release.set()
-    results = await asyncio.gather(*tasks)
-    await held
+    results = await _queued_together(engine, requests)
     assert [r.batch_size for r in results] == [2, 2]
     for (x, m), result in zip(requests, results, strict=True):
         assert (result.value - stage.forward(x, m)).abs().max().item() <= MINILM_BOUND
@@ -175,12 +171,7 @@ async def test_a_failing_request_does_not_fail_its_batch_mates(stage: Any) -> No
     engine = StageEngine(pausing, "w-test", max_inflight=16, max_batch_size=8)  # type: ignore[arg-type]
     inputs = [_ids(14, i) for i in range(3)]
     inputs[1][0, 0] = _PausingStage.POISON
-    gate, held = await _hold(engine)
-    tasks = [asyncio.create_task(engine.forward(x, None, lambda out: out, None)) for x in inputs]
-    await asyncio.sleep(0.2)
-    gate.release.set()
-    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-    await held
+    outcomes = await _queued_together(engine, [(x, None) for x in inputs])
     assert isinstance(outcomes[1], RuntimeError) and "poisoned" in str(outcomes[1])
     for i in (0, 2):
         assert (outcomes[i].value - stage.forward(inputs[i], None)).abs().max().item() <= MINILM_BOUND  # type: ignore[union-attr]
