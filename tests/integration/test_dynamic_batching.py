@@ -1,5 +1,5 @@
 """Dynamic batching through real processes: concurrent requests share forwards on every stage (hop records
-say so) and still equal sentence-transformers within the documented bound; ``--max-batch-size 1`` is
+say so), in direct and relay mode, and still equal sentence-transformers within the documented bound; ``--max-batch-size 1`` is
 bit-exact; a request cancelled while it waits in a batch leaves it without touching its batch-mates.
 
 A long ``--max-queue-delay-us`` makes the batches deterministic on a loaded machine: requests sent
@@ -42,10 +42,10 @@ def sentence_model():  # type: ignore[no-untyped-def]
     return SentenceTransformer(str(resolve_model("minilm").model_dir), device="cpu")
 
 
-async def _infer_all(router: str, texts: list[str]) -> list[object]:
+async def _infer_all(router: str, texts: list[str], mode: str | None = None) -> list[object]:
     async with AsyncRouterClient(router) as client:
         await client.wait_ready(120)
-        return list(await asyncio.gather(*(client.infer(text=t, timeout_s=120) for t in texts)))
+        return list(await asyncio.gather(*(client.infer(text=t, timeout_s=120, mode=mode) for t in texts)))
 
 
 def test_concurrent_requests_are_batched_on_every_stage_within_the_bound(sentence_model) -> None:  # type: ignore[no-untyped-def]
@@ -56,17 +56,18 @@ def test_concurrent_requests_are_batched_on_every_stage_within_the_bound(sentenc
         "worker_args": ["--max-batch-size", "8", "--max-queue-delay-us", DELAY_US],
     }
     with mesh_up(config) as mesh:
-        results = asyncio.run(_infer_all(mesh.router, TEXTS))
-    for text, result in zip(TEXTS, results, strict=True):
-        expected = sentence_model.encode(text, convert_to_tensor=True)
-        got = result.output.reshape(expected.shape)  # type: ignore[attr-defined]
-        assert (got - expected).abs().max().item() <= BOUND, text
-        assert [h.layers.start for h in result.hops] == [0, 2, 4]  # type: ignore[attr-defined]
-    # Every stage ran requests together, and what a hop reports is consistent with its batch-mates.
-    for stage in range(3):
-        sizes = [r.hops[stage].batch_size for r in results]  # type: ignore[attr-defined]
-        assert max(sizes) > 1, f"stage {stage} never batched: {sizes}"
-        assert all(1 <= s <= 8 for s in sizes) and sum(sizes) >= len(TEXTS), sizes
+        by_mode = {mode: asyncio.run(_infer_all(mesh.router, TEXTS, mode)) for mode in ("direct", "relay")}
+    for mode, results in by_mode.items():
+        for text, result in zip(TEXTS, results, strict=True):
+            expected = sentence_model.encode(text, convert_to_tensor=True)
+            got = result.output.reshape(expected.shape)  # type: ignore[attr-defined]
+            assert (got - expected).abs().max().item() <= BOUND, (mode, text)
+            assert [h.layers.start for h in result.hops] == [0, 2, 4]  # type: ignore[attr-defined]
+        # Every stage ran requests together (in relay mode each member is relayed on its own afterwards).
+        for stage in range(3):
+            sizes = [r.hops[stage].batch_size for r in results]  # type: ignore[attr-defined]
+            assert max(sizes) > 1, f"{mode}: stage {stage} never batched: {sizes}"
+            assert all(1 <= s <= 8 for s in sizes) and sum(sizes) >= len(TEXTS), sizes
 
 
 def test_max_batch_size_1_is_bit_exact_under_concurrency(sentence_model) -> None:  # type: ignore[no-untyped-def]
