@@ -1,8 +1,10 @@
 """``shardmesh bench generate``: sharded generation beside transformers' ``generate`` in one process.
 
 Measured on the same prompts: time to first token and tokens/s for one session, aggregate tokens/s
-for N concurrent sessions (continuous batching on the workers), and the pause a failover causes when a
-worker dies mid-generation, set against the time to replay the prefix.
+for N concurrent sessions (continuous batching on the workers) as a ratio to one session, the time to
+first token of a second session that shares a 200-token prompt prefix with the first (automatic prefix
+caching on the workers) against the first's, and the pause a failover causes when a worker dies
+mid-generation, set against the time to replay the prefix.
 """
 
 from __future__ import annotations
@@ -79,19 +81,62 @@ async def _one(client: AsyncRouterClient, prompt: str, new_tokens: int, mode: st
     return 1000 * (first or 0.0), count / (time.perf_counter() - t0), count
 
 
-async def _mesh(model_name: str, mode: str, new_tokens: int, sessions: int, split: list[str]) -> dict[str, Any]:
-    spec = parse_spec({"model": model_name, "mode": mode, "workers": [{"layers": s} for s in split]})
+PREFIX_TOKENS = 200
+PREFIX_TEXT = (
+    "You are a careful assistant for a service mesh team. Answer briefly, cite the component you mean, "
+    "and say when you are unsure. The mesh has a router, shard workers and a discovery service. "
+)
+QUESTIONS = ("What does the router do?", "How are workers found?", "Why split a model?", "What is a shard?")
+
+
+def shared_prefix_prompts(model_name: str, rounds: int) -> list[tuple[list[int], list[int]]]:
+    """Per round, two prompts that share their first PREFIX_TOKENS token ids (a fresh prefix each round)."""
+    from services.models.registry import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_model(model_name))
+    base, _ = tokenizer.encode(PREFIX_TEXT * 12)
+    pairs = []
+    for r in range(rounds):
+        prefix = list(base[7 * r : 7 * r + PREFIX_TOKENS])  # a different 200-token window each round
+        first, second = (list(tokenizer.encode(q)[0]) for q in (QUESTIONS[(2 * r) % 4], QUESTIONS[(2 * r + 1) % 4]))
+        pairs.append((prefix + first, prefix + second))
+    return pairs
+
+
+async def _ttft(client: AsyncRouterClient, ids: list[int], mode: str) -> float:
+    request = build_generate_request(tokens=ids, max_new_tokens=1, mode=mode)
+    t0 = time.perf_counter()
+    async for event in client.generate_stream(request, 600):
+        if event.HasField("token"):
+            return 1000 * (time.perf_counter() - t0)
+    return 0.0
+
+
+async def _mesh(
+    model_name: str, mode: str, new_tokens: int, sessions: int, split: list[str], worker_args: list[str] | None = None
+) -> dict[str, Any]:
+    spec = parse_spec({"model": model_name, "mode": mode, "workers": [{"layers": s} for s in split],
+                       "worker_args": list(worker_args or []), "router_args": ["--hop-timeout-ms", "60000"]})
     async with LocalMesh(spec) as mesh, AsyncRouterClient(mesh.router_address) as client:
         await _one(client, PROMPTS[0], 4, mode)  # warm-up
         results = [await _one(client, p, new_tokens, mode) for p in PROMPTS]
         t0 = time.perf_counter()
         many = await asyncio.gather(*(_one(client, PROMPTS[i % len(PROMPTS)], new_tokens, mode) for i in range(sessions)))
         aggregate = sum(c for _, _, c in many) / (time.perf_counter() - t0)
+        # Shared prefix: the second session's prompt starts with the first's 200 tokens (other question).
+        cold, warm = [], []
+        for first, second in shared_prefix_prompts(model_name, 3):
+            cold.append(await _ttft(client, first, mode))
+            warm.append(await _ttft(client, second, mode))
     return {
-        "system": f"mesh-{mode}",
+        "system": f"mesh-{mode}" + ("" if not worker_args else " " + " ".join(worker_args)),
         "ttft_ms": statistics.median(r[0] for r in results),
         "tokens_per_s_1": statistics.median(r[1] for r in results),
         f"tokens_per_s_{sessions}": aggregate,
+        "prefix_tokens": PREFIX_TOKENS,
+        "shared_prefix_ttft_first_ms": statistics.median(cold),
+        "shared_prefix_ttft_second_ms": statistics.median(warm),
+        "shared_prefix_ttft_ratio": statistics.median(cold) / max(statistics.median(warm), 1e-9),
     }
 
 
@@ -163,6 +208,12 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             f"({row['ratio_tokens_per_s_1']:.2f}x single)  {sessions} sessions {row[f'tokens_per_s_{sessions}']:6.1f} tok/s "
             f"({row[f'scaling_{sessions}_vs_1']:.2f}x its 1-session rate)"
         )
+        if "shared_prefix_ttft_ratio" in row:
+            print(
+                f"{'':32s} {row['prefix_tokens']}-token shared prefix: TTFT first session "
+                f"{row['shared_prefix_ttft_first_ms']:.0f} ms, second {row['shared_prefix_ttft_second_ms']:.0f} ms "
+                f"({row['shared_prefix_ttft_ratio']:.1f}x lower; target 3x)"
+            )
     print(
         f"failover: pause {failover['pause_ms']:.0f} ms (normal gap {failover['normal_token_gap_ms']:.0f} ms); "
         f"replaying the prefix takes {failover['replay_prefix_ms']:.0f} ms; target < {failover['pause_target_ms']:.0f} ms"
