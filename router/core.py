@@ -16,7 +16,7 @@ from services.models.registry import load_tokenizer, resolve_model
 from services.telemetry import INFLIGHT
 from services.wire import codec
 from router.generation import GenerationService
-from router.inputs import TokenizerCache, encode_text, request_inputs
+from router.inputs import TokenizerCache, encode_text, request_inputs, resolve_mode
 from router.pipeline import Pipeline
 from router.result_cache import ResultCache, result_key
 from router.scheduling import CallerInfo, Scheduler, SchedulerSettings, hop_priority, resolve_priority, resolve_tenant
@@ -129,7 +129,7 @@ class RouterCore:
         priority, tenant = self._who(request.priority, caller)
         started = time.monotonic()
         deadline = started + (time_remaining if time_remaining is not None else self.request_timeout_s)
-        mode = request.mode or self.default_mode
+        mode = resolve_mode(request.mode, self.default_mode)
         ids, mask = await request_inputs(request, self._tokenizer, self.max_tensor_bytes)
         request_id = request.request_id or uuid.uuid4().hex
         probe = self._cache_probe(ids, mask)
@@ -194,7 +194,7 @@ class RouterCore:
                 f"router has {self.inflight} requests in flight (limit --max-inflight {self.max_inflight}); retry later"
             )
         deadline = time.monotonic() + (time_remaining if time_remaining is not None else GENERATE_TIMEOUT_S)
-        mode = request.mode or self.default_mode
+        mode = resolve_mode(request.mode, self.default_mode)
         request_id = request.session_id or request.request_id or uuid.uuid4().hex
         self.inflight += 1
         try:

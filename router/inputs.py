@@ -96,6 +96,27 @@ async def encode_text(text: str, tokenizer: Callable[[], Any]) -> tuple[list[int
     return await asyncio.to_thread(_encode_text, text, tokenizer)
 
 
+def resolve_mode(mode: int, default: int) -> int:
+    """The request's activation path; 0 means the router's default. An unknown value is refused rather
+    than served and echoed back (a client sending a newer enum would otherwise not learn it was ignored)."""
+    if mode == tensor_pb2.MODE_UNSPECIFIED:
+        return default
+    if mode not in (tensor_pb2.MODE_DIRECT, tensor_pb2.MODE_RELAY):
+        raise InvalidArgument(
+            f"mode: {mode} is not a Mode; use MODE_DIRECT (1), MODE_RELAY (2) or 0 for the router's default"
+        )
+    return mode
+
+
+def _refuse_chunk_fields(msg: tensor_pb2.Tensor, field: str) -> None:
+    """Chunk fields belong to the mesh's internal streams; a client tensor is always one whole message."""
+    if msg.chunk_count or msg.chunk_index:
+        raise InvalidArgument(
+            f"{field}: chunk_count/chunk_index are for the mesh's internal streams; send the whole tensor in "
+            "one message with both unset"
+        )
+
+
 async def request_inputs(
     request: router_pb2.InferRequest, tokenizer: Callable[[], Any], max_tensor_bytes: int
 ) -> tuple[tensor_pb2.Tensor, tensor_pb2.Tensor | None]:
@@ -103,6 +124,11 @@ async def request_inputs(
     kind = request.WhichOneof("input")
     if kind is None:
         raise InvalidArgument("input: missing; set one of text, tokens or tensor")
+    if kind != "tensor" and request.HasField("attention_mask"):
+        raise InvalidArgument(
+            f"attention_mask: only accepted with `tensor` input; with `{kind}` the router makes the mask itself "
+            "(drop attention_mask, or send ids as `tensor`)"
+        )
     if kind == "text":
         if not request.text.strip():
             raise InvalidArgument("text: empty; send at least one non-blank character")
@@ -114,16 +140,22 @@ async def request_inputs(
             raise InvalidArgument("tokens: empty; send at least one token id")
         check_token_count(count, await asyncio.to_thread(_max_positions, tokenizer), max_tensor_bytes, "tokens")
         return codec.encode(torch.tensor([list(request.tokens.ids)], dtype=torch.int64)), None
+    _refuse_chunk_fields(request.tensor, "tensor")
     ids_t = codec.decode(request.tensor, field="tensor", max_bytes=max_tensor_bytes, expect_dtype=_ID_DTYPES, expect_rank=(2,))
     if ids_t.numel() == 0:
         raise InvalidArgument(f"tensor: empty token ids (shape {list(ids_t.shape)})")
     check_token_count(ids_t.shape[1], await asyncio.to_thread(_max_positions, tokenizer), max_tensor_bytes, "tensor")
     mask = None
     if request.HasField("attention_mask"):
+        _refuse_chunk_fields(request.attention_mask, "attention_mask")
         mask_t = codec.decode(request.attention_mask, field="attention_mask", max_bytes=max_tensor_bytes, expect_rank=(2,))
         if tuple(mask_t.shape) != tuple(ids_t.shape):
             raise InvalidArgument(
                 f"attention_mask: shape {list(mask_t.shape)} does not match tensor's {list(ids_t.shape)}"
+            )
+        if mask_t.is_floating_point() or mask_t.is_complex() or bool(((mask_t != 0) & (mask_t != 1)).any()):
+            raise InvalidArgument(
+                "attention_mask: values must be 0 (padding) or 1 (token) in an integer or bool tensor"
             )
         mask = request.attention_mask
     return request.tensor, mask

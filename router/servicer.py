@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from services.errors import grpc_errors, grpc_stream_errors, status_of
+from services.errors import InvalidArgument, grpc_errors, grpc_stream_errors, status_of
 from services.security.client_auth import ANONYMOUS, CURRENT_TENANT
 from services.gen.shardmesh.v1 import router_pb2, router_pb2_grpc, tensor_pb2
 from services.transport.raw import parser
@@ -41,6 +41,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         """Limits an InferStream request must pass before any work (raises: answered in-band)."""
         if self._charge_stream_request is not None:
             self._charge_stream_request()
+        if not request.request_id:  # answers are matched by id: a server-made one could not be matched
+            raise InvalidArgument("request_id: required on InferStream (answers are matched to requests by it)")
         self._check_text(request)
 
     @staticmethod

@@ -86,6 +86,46 @@ def _bad_tensor(**overrides: object) -> tensor_pb2.Tensor:
             grpc.StatusCode.INVALID_ARGUMENT,
             "attention_mask: shape [1, 3] does not match",
         ),
+        (lambda: router_pb2.InferRequest(text="hi", mode=7), grpc.StatusCode.INVALID_ARGUMENT, "mode: 7 is not a Mode"),
+        (
+            lambda: router_pb2.InferRequest(text="hi", attention_mask=codec.encode(torch.ones(1, 3, dtype=torch.int64))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "attention_mask: only accepted with `tensor` input; with `text`",
+        ),
+        (
+            lambda: router_pb2.InferRequest(
+                tokens=router_pb2.TokenIds(ids=[101, 102]), attention_mask=codec.encode(torch.ones(1, 2, dtype=torch.int64))
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "attention_mask: only accepted with `tensor` input; with `tokens`",
+        ),
+        (
+            lambda: router_pb2.InferRequest(
+                tensor=codec.encode(torch.tensor([[101, 102]])), attention_mask=codec.encode(torch.tensor([[1, 2]]))
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "attention_mask: values must be 0 (padding) or 1",
+        ),
+        (
+            lambda: router_pb2.InferRequest(
+                tensor=codec.encode(torch.tensor([[101, 102]])), attention_mask=codec.encode(torch.ones(1, 2))
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "attention_mask: values must be 0 (padding) or 1 (token) in an integer or bool tensor",
+        ),
+        (
+            lambda: router_pb2.InferRequest(tensor=_bad_tensor(chunk_count=2, chunk_index=0)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "tensor: chunk_count/chunk_index are for the mesh's internal streams",
+        ),
+        (
+            lambda: router_pb2.InferRequest(
+                tensor=codec.encode(torch.tensor([[101, 102]])),
+                attention_mask=_bad_tensor(shape=[1, 2], data=codec.encode(torch.ones(1, 2, dtype=torch.int64)).data, chunk_index=3),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "attention_mask: chunk_count/chunk_index",
+        ),
     ],
 )
 def test_router_rejects_bad_input_and_keeps_serving(mesh: UpMesh, request_factory, code, fragment) -> None:  # type: ignore[no-untyped-def]
@@ -129,6 +169,25 @@ def test_worker_rejects_bad_activations(mesh: UpMesh) -> None:
         good = stub.Forward(worker_pb2.ForwardRequest(input=codec.encode(torch.zeros(1, 4, hidden))), timeout=10)
         assert list(good.output.shape) == [1, hidden]
         assert good.hops[-1].worker_id == "w1"
+
+
+async def test_infer_stream_requires_request_ids(mesh: UpMesh) -> None:
+    """An id the server made up could not be matched by the client: a request without one is refused in-band."""
+    async with grpc.aio.insecure_channel(mesh.router) as channel:
+        call = router_pb2_grpc.RouterStub(channel).InferStream()
+        await call.write(router_pb2.InferRequest(text="no id"))
+        await call.write(router_pb2.InferRequest(request_id="with-id", text="an id"))
+        await call.done_writing()
+        replies = await asyncio.wait_for(_collect(call), 60)
+    by_id = {r.request_id: r for r in replies}
+    assert set(by_id) == {"", "with-id"}
+    assert by_id[""].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "request_id: required on InferStream" in by_id[""].error.message
+    assert not by_id["with-id"].HasField("error") and list(by_id["with-id"].output.shape) == [1, 384]
+
+
+async def _collect(call: grpc.aio.StreamStreamCall) -> list[router_pb2.InferResponse]:
+    return [reply async for reply in call]
 
 
 async def test_stream_reports_errors_per_request_and_stays_open(mesh: UpMesh) -> None:
