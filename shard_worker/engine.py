@@ -39,6 +39,7 @@ import torch
 from services.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from services.models.base import StageModel
 from services.models.interrupt import Interrupt, interruptible
+from services.telemetry import WORKER_BATCH_SIZE, WORKER_COMPUTE_SECONDS, WORKER_QUEUE_SECONDS
 from shard_worker.batching import Pending, batch_is_full, select_batch, wait_for_more_s
 
 T = TypeVar("T")
@@ -211,7 +212,7 @@ class StageEngine:
         else:
             entry = _Entry(future, interrupt, enqueued, job=timed)
             self._enqueue(Pending(None, *(work or (1, 1)), priority, deadline, 0, enqueued, entry))
-        return await self._await(future, interrupt, enqueued)
+        return await self._await(future, interrupt, enqueued, decode)
 
     async def forward(
         self,
@@ -248,7 +249,7 @@ class StageEngine:
             self._lanes.notify()
 
     async def _await(
-        self, future: concurrent.futures.Future[_Done], interrupt: Interrupt, enqueued: float
+        self, future: concurrent.futures.Future[_Done], interrupt: Interrupt, enqueued: float, lane_decode: bool = False
     ) -> StageResult:
         loop = asyncio.get_running_loop()
         future.add_done_callback(lambda _: self._release_from_any_thread(loop))
@@ -263,6 +264,9 @@ class StageEngine:
             interrupt.cancel()  # running: leaves its batch / stops at the next layer; queued: never starts
             future.cancel()
             raise
+        lane = "decode" if lane_decode else "stateless"
+        WORKER_QUEUE_SECONDS.labels(lane=lane).observe(started - enqueued)
+        WORKER_COMPUTE_SECONDS.labels(lane=lane).observe(finished - started)
         return StageResult(value, 1000 * (finished - started), 1000 * (started - enqueued), batch_size)
 
     def _check_not_expired(self, deadline: float | None, now: float, enqueued: float) -> None:
@@ -334,6 +338,7 @@ class StageEngine:
             members.append(entry)
         if not members:
             return False
+        WORKER_BATCH_SIZE.observe(len(members))
         if members[0].job is not None:  # an opaque job: always alone
             _settle(members[0].future, members[0].job)
             return True

@@ -34,6 +34,7 @@ from services.models.base import StageModel
 from services.models.interrupt import interruptible
 from services.models.kv_cache import SessionCache, SessionCacheStore
 from services.models.prefix_cache import DEFAULT_BLOCK_TOKENS, PrefixCache, joined_kv, joined_output
+from services.telemetry import KV_CACHE_BUDGET_BYTES, KV_CACHE_BYTES, KV_CACHE_PREFIX_BYTES, SESSIONS, SESSIONS_EXPIRED, watch
 from shard_worker.engine import StageEngine
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,11 @@ class SessionService:
         self._engine = engine
         prefix = PrefixCache(prefix_block_tokens) if prefix_cache and batching else None
         self.store = SessionCacheStore(budget_bytes, stage.kv_bytes_per_token, prefix)  # type: ignore[attr-defined]
+        store = self.store  # read at scrape time (thread-safe: the store locks), not on the request path
+        watch(KV_CACHE_BYTES, lambda: store.bytes_used)
+        watch(KV_CACHE_PREFIX_BYTES, lambda: store.prefix_bytes)
+        watch(KV_CACHE_BUDGET_BYTES, lambda: store.budget_bytes)
+        watch(SESSIONS, lambda: store.count)
         self._default_ttl_s = default_ttl_s
         self._batching = batching
         self._order: dict[str, asyncio.Lock] = {}
@@ -299,6 +305,7 @@ class SessionService:
             await asyncio.sleep(EXPIRY_INTERVAL_S)
             for session_id in self.store.expire(time.monotonic()):
                 self._order.pop(session_id, None)
+                SESSIONS_EXPIRED.inc()
                 log.info("session %s expired (idle past its TTL); cache freed", session_id)
 
     def start(self) -> asyncio.Task[None]:

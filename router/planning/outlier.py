@@ -10,6 +10,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from services.errors import ConfigError
+from services.telemetry import EJECTIONS
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,14 @@ class OutlierDetector:
         if others_ejected >= allowed or others_ejected >= len(members) - 1:
             return False
         self._eject(state, now)
+        EJECTIONS.labels(worker=worker_id).inc()
         return True
 
     def record_probe_failure(self, worker_id: str, now: float) -> None:
         """An active probe of an ejected worker failed: eject it again for the next, longer period."""
         state = self._states.setdefault(worker_id, _ReplicaState())
         self._eject(state, now)
+        EJECTIONS.labels(worker=worker_id).inc()
 
     def readmit(self, worker_id: str, now: float = 0.0) -> None:
         """An active health probe succeeded: return the worker to rotation with a clean streak."""

@@ -21,6 +21,7 @@ import grpc
 
 from services.errors import DeadlineExceeded, ShardmeshError, Unavailable, code_from_int, error_from_status
 from services.gen.shardmesh.v1 import worker_pb2, worker_pb2_grpc
+from services.telemetry import STREAMS_OPEN, STREAMS_OPENED
 from services.transport.chunked import MessageAssembler, split_message
 from services.transport.release import release_response
 from services.transport.stream_writer import Outgoing, StreamWriter
@@ -86,6 +87,9 @@ class ForwardStreamClient:
             stream = _Stream(call, self.address, lambda reason: self._lose(holder[0], reason))
             holder.append(stream)
             stream.reader = asyncio.create_task(self._read_loop(stream), name=f"read:{self.address}")
+            STREAMS_OPENED.labels(direction="outbound").inc()
+            STREAMS_OPEN.labels(direction="outbound").inc()  # until its reader ends (even if never started)
+            stream.reader.add_done_callback(lambda _task: STREAMS_OPEN.labels(direction="outbound").dec())
             self._stream = stream
         return stream
 

@@ -27,6 +27,8 @@ from typing import Any, Generic, Protocol, TypeVar
 import grpc
 
 from services.errors import InvalidArgument
+from services.logging_json import request_scope
+from services.telemetry import STREAMS_OPEN, STREAMS_OPENED
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +114,14 @@ async def serve_multiplexed(
         progress.set()
 
     async def run_one(request: Req) -> None:
-        try:
-            response = await handlers.handle(request)
-        except Exception as exc:  # noqa: BLE001 - each request's failure is reported on the stream
-            response = handlers.on_error(request, exc)
+        with request_scope(request.request_id):  # log lines about this request carry its id
+            try:
+                response = await handlers.handle(request)
+            except Exception as exc:  # noqa: BLE001 - each request's failure is reported on the stream
+                response = handlers.on_error(request, exc)
+                log.debug("stream request %s failed: %s", request.request_id, exc)
+            else:
+                log.debug("stream request %s answered", request.request_id)
         try:
             await outbox.put((response, True))
         except asyncio.CancelledError:
@@ -176,6 +182,8 @@ async def serve_multiplexed(
             await outbox.put(_END)
 
     closer = asyncio.create_task(read_then_close())
+    STREAMS_OPENED.labels(direction="inbound").inc()
+    STREAMS_OPEN.labels(direction="inbound").inc()
     try:
         while (item := await outbox.get()) is not _END:
             response, holds_slot = item  # type: ignore[misc]
@@ -187,6 +195,7 @@ async def serve_multiplexed(
                     give_back_slot()
         await closer  # re-raises a reader failure (e.g. the call was cancelled)
     finally:
+        STREAMS_OPEN.labels(direction="inbound").dec()
         closing[0] = True
         for request in parked.values():
             handlers.release_request(request)

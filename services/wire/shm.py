@@ -46,6 +46,7 @@ import torch
 from services.errors import ConfigError, InvalidArgument, PermissionDenied, ResourceExhausted, ShardmeshError, Unavailable
 from services.gen.shardmesh.v1 import tensor_pb2
 from services.net import split_host_port
+from services.telemetry import SHM_IN_FLIGHT_BYTES, SHM_READ_BYTES, SHM_WRITTEN_BYTES, watch
 from services.wire import codec
 
 SHM_PREFIX = "shardmesh-"
@@ -224,6 +225,7 @@ def export_tensor(tensor: torch.Tensor, out: tensor_pb2.Tensor, *, request_id: s
         raise
     finally:
         os.close(fd)
+    SHM_WRITTEN_BYTES.inc(len(payload))
     out.shm_handle = name
     return name
 
@@ -326,7 +328,31 @@ def _read_payload(
         if got == 0:
             raise InvalidArgument(f"{field}: shared-memory segment {name} shrank while being read")
         done += got
+    SHM_READ_BYTES.inc(expected)
     return out
+
+
+def in_flight_bytes() -> int:
+    """Payload bytes of this process's segments that still exist (written, not yet claimed by a receiver).
+
+    Read from the directory at metrics scrape time: a receiver in another process unlinks what it claims,
+    which this process is never told about."""
+    own_prefix = f"{SHM_PREFIX}{os.getpid()}-"
+    total = 0
+    try:
+        with os.scandir(SHM_DIR) as entries:
+            for entry in entries:
+                if entry.name.startswith(own_prefix):
+                    try:
+                        total += max(0, entry.stat(follow_symlinks=False).st_size - HEADER_BYTES)
+                    except FileNotFoundError:
+                        pass  # claimed meanwhile
+    except OSError:
+        return 0  # no shared-memory directory (yet): nothing in flight
+    return total
+
+
+watch(SHM_IN_FLIGHT_BYTES, in_flight_bytes)
 
 
 def discard(name: str) -> None:
