@@ -62,6 +62,9 @@ class Topology:
         self.redescribes = 0  # workers found changed at the same address (metrics, tests)
         self._unlisted: dict[str, float] = {}  # address -> since when discovery omits it while it still serves
         self._unlisted_grace_s = unlisted_grace_s
+        self._version = 0  # bumped whenever the worker set or a worker's layers/weights change
+        self._version_event = asyncio.Event()  # set (and replaced) at each bump: wakes every waiter once
+        self._joins: dict[str, int] = {}  # worker id -> times it joined (or re-joined changed) the table
 
     @property
     def workers(self) -> tuple[WorkerInfo, ...]:
@@ -106,6 +109,25 @@ class Topology:
         await self.discovery.start()
         await self._refresh(self.discovery.snapshot())
         self._task = asyncio.create_task(self._follow(), name="topology")
+
+    @property
+    def version(self) -> int:
+        """Changes whenever the routing table does (workers joined, left or changed layers or weights)."""
+        return self._version
+
+    def joins(self, worker_id: str) -> int:
+        """How often ``worker_id`` has joined the table: a request may try again a worker that re-joined
+        since it failed (e.g. restarted in a rolling restart)."""
+        return self._joins.get(worker_id, 0)
+
+    async def wait_version(self, version: int, timeout_s: float) -> int:
+        """Waits until the table's version differs from ``version`` or ``timeout_s``; returns the version.
+        Any number of requests may wait at once (each change wakes them all)."""
+        if self._version == version:
+            event = self._version_event
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout_s)
+        return self._version
 
     async def wait_changed(self, timeout_s: float) -> None:
         self._changed.clear()
@@ -209,9 +231,13 @@ class Topology:
             added |= set(changed)
             for addr in added:
                 self._departed.pop(table[addr].worker_id, None)
+                self._joins[table[addr].worker_id] = self._joins.get(table[addr].worker_id, 0) + 1
                 log.info("worker %s (%s) joined: layers %s", table[addr].worker_id, addr, table[addr].span)
             complete = self.is_complete()
             ROUTE_COMPLETE.set(1 if complete else 0)
+            self._version += 1  # requests waiting for coverage (--route-wait-s) plan again now
+            self._version_event.set()
+            self._version_event = asyncio.Event()
             if self._on_change is not None:
                 await self._on_change(complete, [table[a] for a in added])
             self._changed.set()
