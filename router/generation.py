@@ -38,7 +38,8 @@ from services.telemetry import FAILOVERS
 from router.peers import WorkerPool
 from router.pipeline import Pipeline, unpack_trusted
 from router.planning.hop_errors import is_lost_session, may_fail_over
-from router.planning.types import WorkerInfo
+from router.planning.route_wait import RouteWait
+from router.planning.types import RoutePlan, WorkerInfo
 from router.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class _Session:
     position: int = 0
     failovers: int = 0
     failed: set[str] = field(default_factory=set)
+    wait: RouteWait | None = None  # --route-wait-s: how long planning may still wait for coverage
 
     @property
     def session_id(self) -> str:
@@ -86,10 +88,16 @@ class GenerationService:
         self.active_sessions = 0
         self._cleanups: set[asyncio.Task[None]] = set()  # CloseSession calls still running
 
-    def _pick_route(self, session: _Session) -> list[WorkerInfo]:
-        """A replica per stage, planned exactly as Infer plans (ejection, panic, this session's failures)."""
-        excluded = self._pipeline.excluded(session.failed, time.monotonic())
-        plan = self._topology.plan(excluded=excluded, checksum=session.checksum)
+    async def _pick_route(self, session: _Session) -> list[WorkerInfo]:
+        """A replica per stage, planned exactly as Infer plans (ejection, panic, this session's failures,
+        waiting for coverage under --route-wait-s)."""
+
+        def plan_now() -> RoutePlan:
+            return self._topology.plan(excluded=self._pipeline.excluded(session.failed, time.monotonic()),
+                                       checksum=session.checksum)
+
+        wait = session.wait or self._pipeline.route_wait(time.monotonic())
+        plan = await self._pipeline.plan_waiting(plan_now, wait, session.failed)
         return [self._pipeline.choose(stage.replicas) for stage in plan.stages]
 
     async def generate(
@@ -112,9 +120,12 @@ class GenerationService:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
         rule = StopRule(request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, frozenset(eos), tuple(request.stop_strings))
-        plan = self._topology.plan(excluded=self._pipeline.excluded((), time.monotonic()))
-        session = _Session(request_id, self._pipeline.worker_key(request_id), relay, plan.checksum, [])
-        session.route = self._pick_route(session)
+        wait = self._pipeline.route_wait(deadline)
+        plan = await self._pipeline.plan_waiting(
+            lambda: self._topology.plan(excluded=self._pipeline.excluded((), time.monotonic())), wait
+        )
+        session = _Session(request_id, self._pipeline.worker_key(request_id), relay, plan.checksum, [], wait=wait)
+        session.route = await self._pick_route(session)
         generator = sampling_generator(params)
         started = time.monotonic()
         ttft_ms = 0.0
@@ -191,7 +202,7 @@ class GenerationService:
                     raise
                 old_route, old_id, old_secret = session.route, session.session_id, session.secret
                 try:
-                    session.route = self._pick_route(session)
+                    session.route = await self._pick_route(session)
                 except Unavailable as no_route:
                     # The hop's own error says what happened; the planner says why nothing else can serve.
                     exc.message = f"{exc.message}; {no_route.message}"

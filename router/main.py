@@ -106,7 +106,7 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None, fault_
         pool,
         PipelineSettings(
             hop_timeout_s=config.hop_timeout_s, max_attempts=config.max_attempts, hedge_after_s=config.hedge_after_s, hedge_fixed=config.hedge_fixed,
-            use_shm=config.use_shm, mesh_key=mesh_key,
+            use_shm=config.use_shm, mesh_key=mesh_key, route_wait_s=config.route_wait_s,
             wire_dtype=codec.wire_dtype(codec.dtype_from_name(config.wire_dtype)) if config.wire_dtype != "float32" else 0,
         ),
         outliers,

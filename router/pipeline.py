@@ -15,7 +15,7 @@ import random
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 from dataclasses import dataclass, field
@@ -34,7 +34,8 @@ from router.planning.balancers import Balancer
 from router.planning.hop_errors import counts_against_worker, is_server_fault, may_fail_over
 from router.planning.outlier import OutlierDetector
 from router.planning.retry_budget import RetryBudget
-from router.planning.types import WorkerInfo
+from router.planning.route_wait import RouteWait, plan_waiting
+from router.planning.types import RoutePlan, WorkerInfo
 from router.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class PipelineSettings:
     wire_dtype: int = 0  # tensor_pb2.DType for activations workers send; 0 = each worker's --wire-dtype
     use_shm: bool = True  # shared memory for large activations to co-located workers
     mesh_key: bytes | None = None  # signs relay routes (services/security/route_mac.py); None = unsigned
+    route_wait_s: float = 0.0  # --route-wait-s: hold a request with no route this long for coverage (0 = fail at once)
 
 
 @dataclass
@@ -137,6 +139,34 @@ class Pipeline:
         """Takes one retry (failover, replay) from the router-wide budget; False when it is spent."""
         return self._budget.try_acquire_retry(time.monotonic())
 
+    def route_wait(self, deadline: float) -> RouteWait:
+        """One request's coverage wait (--route-wait-s, never past ``deadline``); shared by all its plans."""
+        return RouteWait(self._settings.route_wait_s, deadline)
+
+    async def plan_waiting(
+        self, plan: Callable[[], RoutePlan], wait: RouteWait, failed: set[str] | None = None,
+        failed_joins: dict[str, int] | None = None,
+    ) -> RoutePlan:
+        """``plan()``, or when it raises Unavailable, the same after waiting for coverage (router/planning/
+        route_wait.py). While waiting, workers this request gave up on (``failed``) are forgiven once they
+        re-joined the table or answer SERVING again (restarted in place): they may be the stage's only replica."""
+
+        async def forgive() -> None:
+            if not failed:
+                return
+            candidates = sorted(failed)
+            rejoined = {w for w in candidates if self._topology.joins(w) != (failed_joins or {}).get(w, self._topology.joins(w))}
+            by_id = {w.worker_id: w for w in self._topology.workers}
+            probe = [w for w in candidates if w not in rejoined and w in by_id]
+            serving = await asyncio.gather(*(self._pool.is_serving(by_id[w].address, FORGIVE_PROBE_S) for w in probe))
+            for worker_id in rejoined | {w for w, ok in zip(probe, serving) if ok}:
+                failed.discard(worker_id)
+                log.info("worker %s is back; this request may use it again", worker_id)
+
+        topology = self._topology  # looked up only when waiting: unit tests' fake topologies have no versions
+        return await plan_waiting(plan, wait, lambda v, t: topology.wait_version(v, t), lambda: topology.version,
+                                  on_change=forgive)
+
     def _stats(self, worker_id: str) -> ReplicaStats:
         stats = self.stats.get(worker_id)
         if stats is None:
@@ -152,15 +182,16 @@ class Pipeline:
         *,
         relay: bool = False,
     ) -> PipelineResult:
-        now = time.monotonic()
-        self._budget.record_request(now)
-        plan = self._topology.plan(excluded=self.excluded((), now))
+        self._budget.record_request(time.monotonic())
+        wait = self.route_wait(deadline)
+        plan = await self.plan_waiting(lambda: self._topology.plan(excluded=self.excluded((), time.monotonic())), wait)
         key = self.worker_key(request_id)
         checksum, total = plan.checksum, plan.total_layers
         stage_input = await unpack_trusted(ids, "input")  # already checked by router/inputs.py
         result = PipelineResult(output=stage_input, checksum=checksum)
         layer = 0
-        failed: set[str] = set()  # workers that failed this request: not tried again for it
+        failed: set[str] = set()  # workers that failed this request: not tried again for it (unless they come back)
+        failed_joins: dict[str, int] = {}  # Topology.joins of each failed worker when it failed
         attempts: dict[int, int] = {}  # failed attempts per starting layer
         server_faults = 0  # INTERNAL/UNKNOWN answers: retried at most MAX_SERVER_FAULT_RETRIES times
         last_error: tuple[ShardmeshError, WorkerInfo] | None = None
@@ -168,14 +199,18 @@ class Pipeline:
             now = time.monotonic()
             if now >= deadline:
                 raise DeadlineExceeded(f"request {request_id} ran out of time before layer {layer}")
-            excluded = self.excluded(failed, now)
             try:
-                stages = self._topology.plan(excluded=excluded, start_layer=layer, checksum=checksum).stages
+                stages = (await self.plan_waiting(
+                    lambda: self._topology.plan(excluded=self.excluded(failed, time.monotonic()), start_layer=layer,
+                                                checksum=checksum),
+                    wait, failed, failed_joins,
+                )).stages
             except Unavailable as no_route:
                 if last_error is None:
                     raise
                 # Report the hop that failed first; the planner's view explains why nothing else could serve.
                 raise _name_hop(last_error[0], last_error[1], also=str(no_route)) from None
+            excluded = self.excluded(failed, time.monotonic())
             chosen = [self.choose(s.replicas) for s in (stages if relay else stages[:1])]
             call_id = f"{key}/{layer}/{sum(attempts.values())}"
             candidates = [*chosen, *stages[0].replicas]  # a hedge may have gone to another replica of stage 0
@@ -202,6 +237,7 @@ class Pipeline:
                     layer = worker.span.start
                 last_error = (exc, worker)
                 failed.add(worker.worker_id)
+                failed_joins[worker.worker_id] = self._topology.joins(worker.worker_id)
                 self.record_hop_failure(worker, exc, request_deadline=deadline)
                 attempts[layer] = attempts.get(layer, 0) + 1
                 server_faults += is_server_fault(exc)
@@ -350,6 +386,7 @@ class Pipeline:
         return response, elapsed * 1000
 
 
+FORGIVE_PROBE_S = 0.3  # health probe of a failed worker while its request waits for coverage
 ROUTE_CLOCK_SKEW_MS = 10_000  # a route signature outlives the call by this much, for clocks that disagree
 def _release_unread(task: asyncio.Task[tuple[worker_pb2.ForwardResponse, float]]) -> None:
     """A hedged call whose answer lost the race (or came after the request gave up): free what it holds."""

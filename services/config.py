@@ -244,6 +244,7 @@ class RouterConfig:
     balancer: str = "p2c"  # --balancer (router/planning/balancers.py)
     result_cache_bytes: int = 0  # --cache-mb; 0 = no Infer result cache (router/result_cache.py)
     scheduling: RouterSchedule = field(default_factory=RouterSchedule)  # --schedule and its group
+    route_wait_s: float = 10.0  # --route-wait-s (router/planning/route_wait.py); 0 = no wait for coverage
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> RouterConfig:
@@ -283,4 +284,5 @@ class RouterConfig:
             balancer=getattr(args, "balancer", "p2c"),
             result_cache_bytes=int(_non_negative("--cache-mb", getattr(args, "cache_mb", 0.0)) * MIB),
             scheduling=RouterSchedule.from_args(args),
+            route_wait_s=_non_negative("--route-wait-s", getattr(args, "route_wait_s", 10.0)),
         )

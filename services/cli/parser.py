@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--hop-timeout-ms", type=int, default=5000, help="deadline for one hop; a hung worker is detected by it")
     r.add_argument("--max-attempts", type=int, default=3, help="attempts per hop before the request fails")
     r.add_argument("--retry-budget", type=float, default=0.2, help="retries allowed as a share of active requests")
+    r.add_argument("--route-wait-s", type=float, default=10.0, metavar="S",
+                   help="a request that finds no replica for some layers (their last worker left or restarts) waits "
+                        "up to S seconds, within its deadline, for coverage to return, re-planning on every topology "
+                        "change; 0 = fail at once with UNAVAILABLE (see docs/placement.md)")
     r.add_argument("--eject-after-failures", type=int, default=5,
                    help="consecutive failures (errors or hop timeouts) that eject a worker from routing")
     r.add_argument("--eject-base-s", type=float, default=30.0,

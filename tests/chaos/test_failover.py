@@ -33,7 +33,7 @@ def references() -> dict[str, torch.Tensor]:
     return {t: model.encode(t, convert_to_tensor=True) for t in TEXTS}
 
 
-async def _mesh(consul_addr: str, service: str, mode: str) -> LocalMesh:
+async def _mesh(consul_addr: str, service: str, mode: str, *extra_router_args: str) -> LocalMesh:
     spec = parse_spec(
         {
             "model": "minilm",
@@ -41,7 +41,7 @@ async def _mesh(consul_addr: str, service: str, mode: str) -> LocalMesh:
             "discovery": "consul",
             "consul": {"address": consul_addr, "service": service},
             "workers": [{"layers": "0:3", "replicas": 2}, {"layers": "3:6", "replicas": 2}],
-            "router_args": ROUTER_ARGS,
+            "router_args": [*ROUTER_ARGS, *extra_router_args],
             "worker_args": ["--threads", "1"],
         }
     )
@@ -59,8 +59,8 @@ async def _mesh(consul_addr: str, service: str, mode: str) -> LocalMesh:
 async def mesh_factory(consul_addr: str, consul_service_name: str) -> AsyncIterator[object]:
     meshes: list[LocalMesh] = []
 
-    async def make(mode: str) -> LocalMesh:
-        mesh = await _mesh(consul_addr, consul_service_name, mode)
+    async def make(mode: str, *extra_router_args: str) -> LocalMesh:
+        mesh = await _mesh(consul_addr, consul_service_name, mode, *extra_router_args)
         meshes.append(mesh)
         return mesh
 
@@ -112,7 +112,7 @@ async def test_no_request_lost(mesh_factory, references, mode: str, fault: str) 
 
 
 async def test_layer_range_without_replicas_is_unavailable_then_recovers(mesh_factory, references) -> None:  # type: ignore[no-untyped-def]
-    mesh = await mesh_factory("direct")
+    mesh = await mesh_factory("direct", "--route-wait-s", "0")  # no wait for coverage: the fast failure is tested
     await inject(mesh, "kill", "w1r0")
     await inject(mesh, "kill", "w1r1")
     async with AsyncRouterClient(mesh.router_address) as client:

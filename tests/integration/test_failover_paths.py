@@ -169,7 +169,7 @@ def test_a_client_id_in_flight_twice_is_already_exists(wide_mesh: tuple[UpMesh, 
 def test_slow_hops_never_eject_the_only_replica_of_a_stage() -> None:
     """Issue 14 defect 3: with one replica per stage (the `up` default), five slow hops made the mesh
     unavailable for 30 s. A lone replica is never ejected, so the mesh serves as soon as it answers."""
-    config = {"model": MODEL, "workers": [{"layers": "0:4"}, {"layers": "4:8"}], "router_args": ["--hop-timeout-ms", "300"]}
+    config = {"model": MODEL, "workers": [{"layers": "0:4"}, {"layers": "4:8"}], "router_args": ["--hop-timeout-ms", "300", "--route-wait-s", "0"]}  # each failure at once, not after a wait
     with mesh_up(config) as mesh, RouterClient(mesh.router) as client:
         expected = client.infer(tokens=TOKENS).output
         pid = int(mesh.workers["w1"]["pid"])

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.integration]
 
 
 def test_killed_worker_gives_unavailable_naming_the_hop() -> None:
-    config = {"model": "minilm", "workers": [{"layers": "0:3"}, {"layers": "3:6"}], "router_args": ["--hop-timeout-ms", "2000"]}
+    config = {"model": "minilm", "workers": [{"layers": "0:3"}, {"layers": "3:6"}], "router_args": ["--hop-timeout-ms", "2000", "--route-wait-s", "0"]}  # no wait for coverage: immediacy is tested
     with mesh_up(config) as mesh, RouterClient(mesh.router) as client:
         assert client.infer(text="before").route == ("w0", "w1")
         victim = mesh.workers["w1"]
