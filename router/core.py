@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -10,10 +11,12 @@ from typing import Any
 
 import torch
 
-from services.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted, ShardmeshError
+from services import tracing
+from services.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted, ShardmeshError, status_of
 from services.gen.shardmesh.v1 import router_pb2, tensor_pb2
 from services.models.registry import load_tokenizer, resolve_model
-from services.telemetry import INFLIGHT
+from services.logging_json import REQUEST_ID, request_scope
+from services.telemetry import INFLIGHT, LATENCY, REQUESTS
 from services.wire import codec
 from router.generation import GenerationService
 from router.inputs import TokenizerCache, encode_text, request_inputs, resolve_mode
@@ -108,6 +111,17 @@ class RouterCore:
         return self._tokenizers.get(model)
 
     async def infer(
+        self, request: router_pb2.InferRequest, time_remaining: float | None, caller: CallerInfo | None = None,
+        *, traceparent: str = "",
+    ) -> router_pb2.InferResponse:
+        """One Infer; ``traceparent``: the client's W3C trace context (gRPC metadata), continued when tracing is on."""
+        if not tracing.enabled():
+            return await self._admit_infer(request, time_remaining, caller)
+        attributes = {"shardmesh.request_id": request.request_id, "shardmesh.mode": int(request.mode)}
+        with tracing.span("router.request", attributes, traceparent=traceparent or None):
+            return await self._admit_infer(request, time_remaining, caller)
+
+    async def _admit_infer(
         self, request: router_pb2.InferRequest, time_remaining: float | None, caller: CallerInfo | None = None
     ) -> router_pb2.InferResponse:
         if self.inflight >= self.max_inflight:
@@ -116,12 +130,18 @@ class RouterCore:
             )
         self.inflight += 1
         INFLIGHT.labels(component="router").inc()
+        started, code = time.monotonic(), "OK"
         try:
-            with self._claim("infer", request.request_id):
+            with request_scope(request.request_id), self._claim("infer", request.request_id):  # tags its log lines
                 return await self._infer(request, time_remaining, caller)
+        except BaseException as exc:
+            code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else status_of(exc)[0].name
+            raise
         finally:
             self.inflight -= 1
             INFLIGHT.labels(component="router").dec()
+            REQUESTS.labels(component="router", rpc="Infer", code=code).inc()
+            LATENCY.labels(component="router", rpc="Infer").observe(time.monotonic() - started)
 
     async def _infer(
         self, request: router_pb2.InferRequest, time_remaining: float | None, caller: CallerInfo | None = None
@@ -134,8 +154,15 @@ class RouterCore:
         request_id = request.request_id or uuid.uuid4().hex
         probe = self._cache_probe(ids, mask)
         if probe is not None and probe[2] is not None:
+            if tracing.enabled():
+                tracing.current().event("result cache hit")
             return _cached_response(request_id, mode, probe[2], started)
+        if tracing.enabled():
+            tracing.current().event("admitted", {"shardmesh.priority": priority, "shardmesh.tenant": tenant,
+                                                 "shardmesh.cache": "miss" if probe is not None else "off"})
         async with self.scheduler.slot(self.scheduler.ticket("infer", priority, tenant), deadline):
+            if tracing.enabled():
+                tracing.current().event("dequeued", {"shardmesh.ms_since_start": 1000 * (time.monotonic() - started)})
             with hop_priority(priority):
                 result = await self.pipeline.run(request_id, ids, mask, deadline, relay=mode == tensor_pb2.MODE_RELAY)
         response = router_pb2.InferResponse(
@@ -196,6 +223,7 @@ class RouterCore:
         deadline = time.monotonic() + (time_remaining if time_remaining is not None else GENERATE_TIMEOUT_S)
         mode = resolve_mode(request.mode, self.default_mode)
         request_id = request.session_id or request.request_id or uuid.uuid4().hex
+        REQUEST_ID.set(request_id)  # log lines of this Generate call (its own task; an async generator cannot reset)
         self.inflight += 1
         try:
             with self._claim("generate", request.session_id or request.request_id):

@@ -20,6 +20,7 @@ from services.net import max_request_bytes
 from services.security.client_auth import CURRENT_TENANT, build_client_auth
 from services.security.mesh_auth import mesh_call_metadata
 from services.memory import limit_malloc_arenas
+from services import tracing
 from services.telemetry import setup_logging, start_metrics
 from services.security.mesh_key import load_mesh_key
 from services.wire import codec, shm
@@ -166,5 +167,6 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None, fault_
 def run(args: argparse.Namespace) -> int:
     limit_malloc_arenas()
     config = RouterConfig.from_args(args)
-    setup_logging(config.log_level, "router")
+    setup_logging(config.log_level, "router", config.log_format)
+    tracing.configure(config.tracing, "shardmesh-router")  # off unless --trace-sample-ratio > 0 (imports nothing then)
     return asyncio.run(serve(config, fault_injection=getattr(args, "fault_injection", None)))

@@ -20,9 +20,10 @@ from collections.abc import Callable, Collection, Sequence
 import torch
 from dataclasses import dataclass, field
 
+from services import tracing
 from services.errors import DeadlineExceeded, FailedPrecondition, ShardmeshError, Unavailable
 from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
-from services.telemetry import FAILOVERS, HEDGES
+from services.telemetry import FAILOVERS, HEDGES, HOP_FAILURES, HOP_SECONDS
 from services.transport.release import release_response
 from services.transport.stream_client import downstream_budget
 from services.security.route_mac import sign_route
@@ -122,6 +123,7 @@ class Pipeline:
     def record_hop_failure(self, worker: WorkerInfo, exc: BaseException, *, request_deadline: float) -> None:
         """Counts an outlier failure of ``worker`` unless it was not the worker's fault (see hop_errors)."""
         now = time.monotonic()
+        HOP_FAILURES.labels(worker=worker.worker_id, reason=type(exc).__name__).inc()
         if counts_against_worker(exc, request_deadline - now):
             if self.outliers.record_failure(worker.worker_id, now, self.stage_members(worker)):
                 log.warning("worker %s (%s) ejected after consecutive failures: %s", worker.worker_id, worker.address, exc)
@@ -212,6 +214,8 @@ class Pipeline:
                 raise _name_hop(last_error[0], last_error[1], also=str(no_route)) from None
             excluded = self.excluded(failed, time.monotonic())
             chosen = [self.choose(s.replicas) for s in (stages if relay else stages[:1])]
+            if tracing.enabled():  # planning, on the request's span (services/tracing.py)
+                tracing.current().event("route planned", {"shardmesh.layer": layer, "shardmesh.route": [w.worker_id for w in chosen]})
             call_id = f"{key}/{layer}/{sum(attempts.values())}"
             candidates = [*chosen, *stages[0].replicas]  # a hedge may have gone to another replica of stage 0
             try:
@@ -251,6 +255,11 @@ class Pipeline:
                 FAILOVERS.labels(reason="Internal" if is_server_fault(exc) else type(exc).__name__).inc()
                 result.attempts += 1
                 log.warning("request %s: hop %s failed (%s); failing over", request_id, worker.worker_id, exc)
+                if tracing.enabled():
+                    tracing.current().event("failover", {
+                        "shardmesh.failed_worker_id": worker.worker_id, "shardmesh.layer": layer,
+                        "shardmesh.error": type(exc).__name__, "shardmesh.message": str(exc)[:200],
+                    })
                 continue
             for worker in chosen:
                 self.outliers.record_success(worker.worker_id, time.monotonic())
@@ -298,6 +307,8 @@ class Pipeline:
                 return response, hop_ms, primary
             backup = self.choose(spare)
             HEDGES.inc()
+            if tracing.enabled():
+                tracing.current().event("hedge", {"shardmesh.primary": primary.worker_id, "shardmesh.backup": backup.worker_id})
             second = asyncio.create_task(self._call([backup], call_id + "/hedge", stage_input, mask, checksum, deadline))
             owners[second] = backup
             pending = set(owners)
@@ -373,17 +384,45 @@ class Pipeline:
         for st in stats:
             st.start()
         started = time.monotonic()
-        try:
-            response = await self._pool.stream_to(first).call(request, timeout)
-        except BaseException:
-            placement.release(request.input)  # never read by the failed peer (no-op when inline or consumed)
-            raise
-        finally:
-            for st in stats:
-                st.finish()
+        with _hop_span(chosen, call_id) as hop:  # tracing: one span per hop; NOOP when off
+            if hop.recording:
+                request.traceparent = hop.traceparent  # per message: the stream is shared by many requests
+            try:
+                response = await self._pool.stream_to(first).call(request, timeout)
+            except BaseException:
+                placement.release(request.input)  # never read by the failed peer (no-op when inline or consumed)
+                raise
+            finally:
+                for st in stats:
+                    st.finish()
         elapsed = time.monotonic() - started
         self._stats(first.worker_id).observe(elapsed, time.monotonic())
+        HOP_SECONDS.labels(worker=first.worker_id, mode="relay" if len(chosen) > 1 else "direct").observe(elapsed)
+        log.debug("hop %s (%s) answered call %s in %.1f ms", first.worker_id, first.address, call_id, elapsed * 1000)
         return response, elapsed * 1000
+
+
+def _hop_span(chosen: Sequence[WorkerInfo], call_id: str) -> tracing.NoopSpan | tracing.Span:
+    """The router's span for one call (a hop; in relay the chain it starts), child of the request's span;
+    NOOP when tracing is off or the request is not sampled."""
+    if not tracing.enabled():
+        return tracing.NOOP
+    first = chosen[0]
+    hedge = call_id.endswith("/hedge")
+    parts = call_id.removesuffix("/hedge").rsplit("/", 2)
+    attributes: dict[str, object] = {
+        "shardmesh.worker_id": first.worker_id,
+        "shardmesh.worker_address": first.address,
+        "shardmesh.layers": f"{first.span.start}:{first.span.end}",
+        "shardmesh.call_id": call_id,
+        "shardmesh.hedge": hedge,
+        "shardmesh.mode": "relay" if len(chosen) > 1 else "direct",
+    }
+    if len(parts) == 3 and parts[2].isdigit():
+        attributes["shardmesh.attempt"] = int(parts[2])
+    if len(chosen) > 1:
+        attributes["shardmesh.relay_chain"] = [w.worker_id for w in chosen]
+    return tracing.span("router.hop", attributes, require_parent=True)
 
 
 FORGIVE_PROBE_S = 0.3  # health probe of a failed worker while its request waits for coverage

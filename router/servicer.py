@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from services import tracing
 from services.errors import InvalidArgument, grpc_errors, grpc_stream_errors, status_of
 from services.security.client_auth import ANONYMOUS, CURRENT_TENANT
 from services.gen.shardmesh.v1 import router_pb2, router_pb2_grpc, tensor_pb2
@@ -54,15 +55,19 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     @grpc_errors
     async def Infer(self, request: router_pb2.InferRequest, context: grpc.aio.ServicerContext) -> router_pb2.InferResponse:
         self._check_text(request)
-        return await self._core.infer(request, context.time_remaining(), self._caller(context))
+        traceparent = tracing.traceparent_from_metadata(context.invocation_metadata())  # "" when tracing is off
+        return await self._core.infer(request, context.time_remaining(), self._caller(context), traceparent=traceparent)
 
     async def InferStream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         core = self._core
         caller = self._caller(context)  # the stream's metadata applies to each request on it
+        traceparent = tracing.traceparent_from_metadata(context.invocation_metadata())  # "" when tracing is off
 
         async def handle(request: router_pb2.InferRequest) -> router_pb2.InferResponse:
             self._admit_stream_request(request)
-            return await core.infer(request, request.timeout_ms / 1000.0 if request.timeout_ms else None, caller)
+            return await core.infer(
+                request, request.timeout_ms / 1000.0 if request.timeout_ms else None, caller, traceparent=traceparent
+            )
 
         def on_error(request: router_pb2.InferRequest, exc: BaseException) -> router_pb2.InferResponse:
             code, message = status_of(exc)

@@ -13,6 +13,7 @@ from services.discovery.consul_client import ConsulAddress, parse_consul_address
 from services.errors import ConfigError
 from services.layers import LayerSpan
 from services.net import TlsFiles, split_host_port
+from services.tracing import TracingSettings
 
 MIB = 1024 * 1024
 
@@ -64,6 +65,7 @@ class WorkerConfig:
     metrics_listen: str | None
     log_level: str
     health_listen: str | None = None
+    log_format: str = "text"  # --log-format: text | json (services/logging_json.py)
     max_batch_tokens: int = 32768  # batch x tokens of one request; larger is refused before compute
     mesh_key_file: str | None = None  # --mesh-key-file or $SHARDMESH_MESH_KEY_FILE (services/security/mesh_key.py)
     capacity_speed: float = 0.0  # --capacity: declared relative speed; 0 = calibrate at start
@@ -74,6 +76,7 @@ class WorkerConfig:
     max_queue_delay_us: int = 0  # dynamic batching: how long a request may wait for batch-mates
     prefix_cache: bool = True  # --no-prefix-cache turns automatic prefix caching off
     prefix_block_tokens: int = 16  # --prefix-block-tokens
+    tracing: TracingSettings = field(default_factory=TracingSettings)  # --trace-sample-ratio, --otlp-endpoint
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> WorkerConfig:
@@ -122,11 +125,13 @@ class WorkerConfig:
             tls=TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca),
             metrics_listen=args.metrics_listen,
             log_level=args.log_level,
+            log_format=getattr(args, "log_format", "text"),
             health_listen=args.health_listen,
             max_batch_tokens=args.max_batch_tokens,
             mesh_key_file=getattr(args, "mesh_key_file", None),
             max_batch_size=_positive_int("--max-batch-size", getattr(args, "max_batch_size", 1)),
             max_queue_delay_us=int(_non_negative("--max-queue-delay-us", getattr(args, "max_queue_delay_us", 0))),
+            tracing=TracingSettings.from_args(args, env),
         )
 
     def resolved_worker_id(self, bound_address: str) -> str:
@@ -236,6 +241,7 @@ class RouterConfig:
     metrics_listen: str | None
     log_level: str
     health_listen: str | None = None
+    log_format: str = "text"  # --log-format: text | json (services/logging_json.py)
     env: Mapping[str, str] = field(default_factory=dict)
     auth_tokens_file: str | None = None  # bearer token -> tenant (services/security/tokens.py)
     rate_limit_rps: float = 0.0  # per tenant; 0 = no limit
@@ -244,6 +250,7 @@ class RouterConfig:
     balancer: str = "p2c"  # --balancer (router/planning/balancers.py)
     result_cache_bytes: int = 0  # --cache-mb; 0 = no Infer result cache (router/result_cache.py)
     scheduling: RouterSchedule = field(default_factory=RouterSchedule)  # --schedule and its group
+    tracing: TracingSettings = field(default_factory=TracingSettings)  # --trace-sample-ratio, --otlp-endpoint
     route_wait_s: float = 10.0  # --route-wait-s (router/planning/route_wait.py); 0 = no wait for coverage
 
     @classmethod
@@ -275,6 +282,7 @@ class RouterConfig:
             tls=TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca),
             metrics_listen=args.metrics_listen,
             log_level=args.log_level,
+            log_format=getattr(args, "log_format", "text"),
             health_listen=args.health_listen,
             env=env,
             auth_tokens_file=args.auth_tokens_file,
@@ -284,5 +292,6 @@ class RouterConfig:
             balancer=getattr(args, "balancer", "p2c"),
             result_cache_bytes=int(_non_negative("--cache-mb", getattr(args, "cache_mb", 0.0)) * MIB),
             scheduling=RouterSchedule.from_args(args),
+            tracing=TracingSettings.from_args(args, env),
             route_wait_s=_non_negative("--route-wait-s", getattr(args, "route_wait_s", 10.0)),
         )

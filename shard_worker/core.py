@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from services import tracing
 from services.errors import DeadlineExceeded, FailedPrecondition
 from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
 from services.models.base import ModelSource, StageModel
@@ -106,12 +107,26 @@ class WorkerCore:
         self.active += 1
         handoff = OutputHandoff()
         try:
+            if request.traceparent and tracing.enabled():  # one span per message, child of the sender's hop span
+                with tracing.span("worker.forward", self._span_attributes(request), traceparent=request.traceparent,
+                                  require_parent=True):
+                    return await self._forward(request, deadline, handoff)
             return await self._forward(request, deadline, handoff)
         except BaseException:
             handoff.abandon()  # nobody will read this request's output segment (if it has one)
             raise
         finally:
             self.active -= 1
+
+    def _span_attributes(self, request: worker_pb2.ForwardRequest) -> dict[str, object]:
+        return {
+            "shardmesh.worker_id": self.worker_id,
+            "shardmesh.layers": f"{self.stage.span.start}:{self.stage.span.end}",
+            "shardmesh.call_id": request.request_id,
+            "shardmesh.source": "upstream_worker" if request.source == tensor_pb2.SOURCE_UPSTREAM_WORKER else "router",
+            "shardmesh.source_worker_id": request.source_worker_id,
+            "shardmesh.session": bool(request.session_id),
+        }
 
     async def drain(self, grace_s: float) -> bool:
         """Refuses new work and waits, within ``grace_s``, for all of it: computes, requests waiting on their
@@ -178,6 +193,8 @@ class WorkerCore:
             )
             output, output_tensor = result.value  # type: ignore[misc]
             compute_ms, queue_ms, batch_size = result.compute_ms, result.queue_ms, result.batch_size
+        if request.traceparent and tracing.enabled():
+            _trace_phases(queue_ms, compute_ms, batch_size)
         record = tensor_pb2.HopRecord(
             worker_id=self.worker_id,
             layers=tensor_pb2.LayerRange(start=span.start, end=span.end),
@@ -218,3 +235,13 @@ class WorkerCore:
             address=self.address,
             hidden_size=src.hidden_size,
         )
+
+
+def _trace_phases(queue_ms: float, compute_ms: float, batch_size: int) -> None:
+    """Queue wait and compute (measured by the compute thread) as child spans of this message's span, placed
+    back in time from now: compute ended just before this runs, the queue wait ended when compute began."""
+    span = tracing.current()
+    end = time.time_ns()
+    compute_start = end - int(compute_ms * 1e6)
+    span.interval("worker.queue", compute_start - int(queue_ms * 1e6), compute_start, {"shardmesh.queue_ms": queue_ms})
+    span.interval("worker.compute", compute_start, end, {"shardmesh.compute_ms": compute_ms, "shardmesh.batch_size": batch_size})

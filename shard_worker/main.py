@@ -24,6 +24,7 @@ from services.placement.costs import capacity_meta
 from services.net import max_request_bytes
 from services.security.mesh_auth import MeshAuthInterceptor, mesh_call_metadata
 from services.security.mesh_key import load_mesh_key
+from services import tracing
 from services.telemetry import setup_logging, start_metrics
 from services.wire import codec, shm
 from shard_worker.core import WorkerCore
@@ -168,5 +169,6 @@ async def serve(config: WorkerConfig, fault_injection: str | None = None) -> int
 def run(args: argparse.Namespace) -> int:
     limit_malloc_arenas()
     config = WorkerConfig.from_args(args)
-    setup_logging(config.log_level, "worker")
+    setup_logging(config.log_level, "worker", config.log_format)
+    tracing.configure(config.tracing, "shardmesh-worker")  # off unless --trace-sample-ratio > 0 (imports nothing then)
     return asyncio.run(serve(config, fault_injection=getattr(args, "fault_injection", None)))

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from services import tracing
 from services.errors import DeadlineExceeded, FailedPrecondition, PermissionDenied, ShardmeshError, Unavailable, status_of
 from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2
 from services.transport.pool import PeerPool
@@ -119,25 +120,30 @@ class Relay:
         down.upstream_hops.append(record)
         if request.HasField("attention_mask"):
             down.attention_mask.CopyFrom(request.attention_mask)
-        started = time.monotonic()
-        try:
-            response = await self._pool.stream(nxt.address, nxt.worker_id).call(down, downstream_budget(remaining))
-        except _UNDELIVERED as exc:
-            placement.release(output)
-            return self._undelivered(request, exc, output_tensor, down, nxt)
-        except ShardmeshError as exc:
-            placement.release(output)
-            if exc.relay_response is not None:
-                return exc.relay_response  # an error further down: pass it back unchanged
-            raise
-        except BaseException:  # cancelled (the caller went away) or a bug: the next hop may never read it
-            placement.release(output)
-            raise
-        hop_ms = 1000 * (time.monotonic() - started)
-        for hop in response.hops:
-            if hop.worker_id == nxt.worker_id and hop.layers.start == nxt.layers.start:
-                hop.hop_ms = hop_ms
-        return response
+        relay_span = _relay_span(request, nxt)  # tracing: NOOP when off or this request is not sampled
+        if relay_span.recording:
+            down.traceparent = relay_span.traceparent  # the next worker's span is a child of this relay span
+        with relay_span:
+            started = time.monotonic()
+            try:
+                response = await self._pool.stream(nxt.address, nxt.worker_id).call(down, downstream_budget(remaining))
+            except _UNDELIVERED as exc:
+                placement.release(output)
+                relay_span.event("next hop failed", {"shardmesh.failed_worker_id": nxt.worker_id, "shardmesh.error": type(exc).__name__})
+                return self._undelivered(request, exc, output_tensor, down, nxt)
+            except ShardmeshError as exc:
+                placement.release(output)
+                if exc.relay_response is not None:
+                    return exc.relay_response  # an error further down: pass it back unchanged
+                raise
+            except BaseException:  # cancelled (the caller went away) or a bug: the next hop may never read it
+                placement.release(output)
+                raise
+            hop_ms = 1000 * (time.monotonic() - started)
+            for hop in response.hops:
+                if hop.worker_id == nxt.worker_id and hop.layers.start == nxt.layers.start:
+                    hop.hop_ms = hop_ms
+            return response
 
     def _undelivered(
         self,
@@ -160,3 +166,12 @@ class Relay:
         # Inline bytes: the router may be on another host, and a shm segment may already be gone.
         codec.encode(output, response.error.pending_input)
         return response
+
+
+def _relay_span(request: worker_pb2.ForwardRequest, nxt: tensor_pb2.RouteHop) -> tracing.NoopSpan | tracing.Span:
+    """This worker's span for handing its output to the next hop (child of its own message span)."""
+    if not (request.traceparent and tracing.enabled()):
+        return tracing.NOOP
+    attributes = {"shardmesh.next_worker_id": nxt.worker_id, "shardmesh.next_address": nxt.address,
+                  "shardmesh.next_layers": f"{nxt.layers.start}:{nxt.layers.end}"}
+    return tracing.span("worker.relay", attributes, require_parent=True)

@@ -25,9 +25,23 @@ def _add_token(p: argparse.ArgumentParser) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text (default): one readable line per event; json: one JSON object per line with ts, level, "
+                        "component, logger, msg, and request_id/trace_id on lines about a request (docs/observability.md)")
     p.add_argument("--health-listen", metavar="HOST:PORT",
                    help="extra plaintext listener serving only grpc.health.v1 (for kubelet probes when TLS is on)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+
+
+def _add_tracing(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tracing (OpenTelemetry; see README, Tracing)")
+    g.add_argument("--trace-sample-ratio", type=float, default=None, metavar="RATIO",
+                   help="fraction of requests traced, 0..1 (default: $SHARDMESH_TRACE_SAMPLE_RATIO, else 0 = off, no "
+                        "cost). Routers sample; on workers any value > 0 turns tracing on and they follow the router's "
+                        "decision carried in each message's traceparent")
+    g.add_argument("--otlp-endpoint", metavar="URL",
+                   help="OTLP/gRPC collector for spans (default: $OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4317); "
+                        "$SHARDMESH_TRACE_FILE=PATH writes JSON lines to PATH instead")
 
 
 def _add_mesh_key(p: argparse.ArgumentParser) -> None:
@@ -110,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tls(w)
     _add_mesh_key(w)
     _add_common(w)
+    _add_tracing(w)
 
     r = sub.add_parser("router", help="run the router")
     r.add_argument("--listen", default=DEFAULT_ROUTER_LISTEN, metavar="HOST:PORT", help="gRPC listen address")
@@ -195,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tls(r)
     _add_mesh_key(r)
     _add_common(r)
+    _add_tracing(r)
 
     u = sub.add_parser("up", help="start a local mesh (router + workers) from a YAML file")
     u.add_argument("config", metavar="CONFIG.yaml")
