@@ -3,8 +3,9 @@
 The router and the worker set :data:`REQUEST_ID` where they start handling a request (router: RouterCore.infer
 and Generate; both: each request of a multiplexed stream), so every line logged while that request runs, in any
 module, carries ``request_id``. ``trace_id`` comes from the active OpenTelemetry span when tracing is on
-(services/tracing.py); it is left out when there is none. Lines logged from compute threads run outside the
-request's context and carry neither.
+(services/tracing.py), else from the W3C ``traceparent`` the request carried (a worker's stream lines outside
+its spans); it is left out when there is none. Lines logged from compute threads run outside the request's
+context and carry neither.
 """
 
 from __future__ import annotations
@@ -13,20 +14,27 @@ import contextlib
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("shardmesh_request_id", default=None)
+TRACE_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("shardmesh_trace_id", default=None)
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 @contextlib.contextmanager
-def request_scope(request_id: str) -> Iterator[None]:
-    """Tags log lines with ``request_id`` for the duration of the block (the current task only)."""
+def request_scope(request_id: str, traceparent: str = "") -> Iterator[None]:
+    """Tags log lines with ``request_id`` (and the trace id of a W3C ``traceparent``, if valid) for the
+    duration of the block (the current task only)."""
+    match = _TRACEPARENT.fullmatch(traceparent) if traceparent else None
     token = REQUEST_ID.set(request_id or None)
+    trace_token = TRACE_ID.set(match.group(1) if match and match.group(1) != "0" * 32 else None)
     try:
         yield
     finally:
+        TRACE_ID.reset(trace_token)
         REQUEST_ID.reset(token)
 
 
@@ -54,9 +62,9 @@ class RequestContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = REQUEST_ID.get()
         try:
-            record.trace_id = self._trace_id()
+            record.trace_id = self._trace_id() or TRACE_ID.get()
         except Exception:  # noqa: BLE001 - logging must not fail because tracing did
-            record.trace_id = None
+            record.trace_id = TRACE_ID.get()
         return True
 
 

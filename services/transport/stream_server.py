@@ -114,7 +114,8 @@ async def serve_multiplexed(
         progress.set()
 
     async def run_one(request: Req) -> None:
-        with request_scope(request.request_id):  # log lines about this request carry its id
+        # Log lines about this request carry its id (and its trace id, from ForwardRequest.traceparent).
+        with request_scope(request.request_id, getattr(request, "traceparent", "")):
             try:
                 response = await handlers.handle(request)
             except Exception as exc:  # noqa: BLE001 - each request's failure is reported on the stream
