@@ -66,6 +66,24 @@ HEADER_BYTES = _HEAD.size + _MAC_BYTES
 
 _created: set[str] = set()  # segments this process made and has not seen consumed
 _created_lock = threading.Lock()  # export may run in executor threads
+_PRUNE_MIN = 1024
+_prune_at = _PRUNE_MIN  # when _created reaches this size, names a peer already claimed are dropped
+
+
+def _remember(name: str) -> None:
+    """Records a segment this process made. Peers claim (unlink) most segments without telling us, so the set
+    is pruned of names whose files are gone whenever it doubles: a long-running sender's memory stays bounded
+    by the segments still on disk, at amortised O(1) per export."""
+    global _prune_at
+    with _created_lock:
+        _created.add(name)
+        if len(_created) < _prune_at:
+            return
+        names = list(_created)
+    gone = [n for n in names if not (SHM_DIR / n).exists()]
+    with _created_lock:
+        _created.difference_update(gone)
+        _prune_at = max(_PRUNE_MIN, 2 * len(_created))
 
 
 def shm_available() -> bool:
@@ -211,8 +229,7 @@ def export_tensor(tensor: torch.Tensor, out: tensor_pb2.Tensor, *, request_id: s
     name = new_segment_name()
     header = _header(name, len(payload), _pid_namespace(), _bind_digest(request_id), key)
     fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    with _created_lock:
-        _created.add(name)
+    _remember(name)
     try:
         _write_all(fd, memoryview(header))
         _write_all(fd, payload)  # one call for anything tmpfs accepts

@@ -333,3 +333,17 @@ def test_a_dropped_request_frees_only_its_own_segment() -> None:
         release_request(worker_pb2.ForwardRequest(request_id="r", input=tensor_pb2.Tensor(shm_handle=bogus)))
     release_request(worker_pb2.ForwardRequest(request_id="victim", input=victim))
     assert not (shm.SHM_DIR / victim.shm_handle).exists()
+
+
+def test_names_a_peer_claimed_do_not_accumulate_in_a_long_running_sender() -> None:
+    """Peers unlink the segments they read without telling the sender: its record of them must stay bounded."""
+    before = len(shm._created)
+    for i in range(3 * shm._PRUNE_MIN):
+        msg = tensor_pb2.Tensor()
+        name = shm.export_tensor(torch.full((4,), float(i)), msg, request_id=f"r{i}")
+        os.unlink(shm.SHM_DIR / name)  # what a peer process does when it claims the segment
+    assert len(shm._created) <= before + shm._PRUNE_MIN
+    kept = tensor_pb2.Tensor()
+    name = shm.export_tensor(torch.ones(4), kept)
+    assert name in shm._created  # a segment still on disk is remembered (sweep_own frees it at shutdown)
+    shm.discard(name)
