@@ -26,15 +26,32 @@ from router.scheduling.ticket import Ticket
 POLICY_NAMES = ("fcfs", "priority", "mlfq", "fair")
 
 
-class _HeapPolicy:
-    """Orders tickets by ``key`` in a heap; removed tickets are skipped when they surface."""
+class _LazyRemoval:
+    """Counts queued tickets; ``remove`` only marks a ticket, and the queue skips it when it surfaces."""
 
     name = ""
     preempts_sessions = True
 
     def __init__(self) -> None:
-        self._heap: list[tuple[tuple[float, ...], Ticket]] = []
         self._size = 0
+
+    def remove(self, ticket: Ticket) -> bool:
+        if ticket.removed:
+            return False
+        ticket.removed = True
+        self._size -= 1
+        return True
+
+    def __len__(self) -> int:
+        return self._size
+
+
+class _HeapPolicy(_LazyRemoval):
+    """Orders tickets by ``key`` in a heap; removed tickets are skipped when they surface."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._heap: list[tuple[tuple[float, ...], Ticket]] = []
 
     def key(self, ticket: Ticket, now: float) -> tuple[float, ...]:
         raise NotImplementedError
@@ -55,16 +72,6 @@ class _HeapPolicy:
 
     def dispatched(self, ticket: Ticket) -> None:
         """Hook for policies with state that advances on dispatch."""
-
-    def remove(self, ticket: Ticket) -> bool:
-        if ticket.removed:
-            return False
-        ticket.removed = True
-        self._size -= 1
-        return True
-
-    def __len__(self) -> int:
-        return self._size
 
 
 class FcfsPolicy(_HeapPolicy):
@@ -87,16 +94,15 @@ def mlfq_level(tokens: int, quantum: int, levels: int) -> int:
     return min(levels - 1, int(math.log2(1 + tokens / quantum)))
 
 
-class MlfqPolicy:
+class MlfqPolicy(_LazyRemoval):
     name = "mlfq"
-    preempts_sessions = True
 
     def __init__(self, quantum: int = 8, levels: int = 4, boost_s: float = 1.0) -> None:
         if quantum < 1 or levels < 1:
             raise ValueError("mlfq quantum and levels must be at least 1")
+        super().__init__()
         self.quantum, self.levels, self.boost_s = quantum, levels, boost_s
         self._queues: dict[int, list[deque[Ticket]]] = {}  # priority -> one FIFO per feedback level
-        self._size = 0
 
     def level(self, ticket: Ticket) -> int:
         return 0 if ticket.is_new else mlfq_level(ticket.tokens, self.quantum, self.levels)
@@ -125,16 +131,6 @@ class MlfqPolicy:
             self._size -= 1
             return ticket
         raise IndexError("pop from an empty queue")
-
-    def remove(self, ticket: Ticket) -> bool:
-        if ticket.removed:
-            return False
-        ticket.removed = True
-        self._size -= 1
-        return True
-
-    def __len__(self) -> int:
-        return self._size
 
 
 class FairPolicy(_HeapPolicy):
