@@ -153,16 +153,17 @@ def test_session_resources_are_freed() -> None:
     with mesh_up(config) as mesh, RouterClient(mesh.router) as client, worker_channel(mesh, "w1") as channel:
         stub = worker_pb2_grpc.ShardWorkerStub(channel)
 
-        def open_session(session_id: str, tokens: int, position: int = 0) -> None:
+        def open_session(session_id: str, tokens: int, position: int = 0, ttl_s: int = 0) -> None:
             hidden = codec.encode(torch.zeros(1, tokens, hidden_size))
-            stub.Forward(
-                worker_pb2.ForwardRequest(request_id=session_id, input=hidden, session_id=session_id, position=position),
-                timeout=10,
+            request = worker_pb2.ForwardRequest(
+                request_id=session_id, input=hidden, session_id=session_id, position=position, session_ttl_s=ttl_s
             )
+            stub.Forward(request, timeout=10)
 
         # Budget: one session of 900 tokens fits in 1 MiB of cache on layers 3:6; a second does not, and the
-        # caller gets RESOURCE_EXHAUSTED with the numbers.
-        open_session("big", 900)
+        # caller gets RESOURCE_EXHAUSTED with the numbers. The big session asks for its own long TTL: with the
+        # worker's 1 s default it could expire before a slow machine's generation reaches w1 (CI saw that).
+        open_session("big", 900, ttl_s=120)
         with pytest.raises(ResourceExhausted, match=r"cache budget 1(\.0)? MiB full: 1 sessions use"):
             client.generate(tokens=[1] * 900, max_new_tokens=2)
         assert stub.CloseSession(worker_pb2.CloseSessionRequest(session_id="big"), timeout=5).existed
