@@ -5,8 +5,10 @@ sends one position's token (stage 0) or hidden state through the stages. The rou
 session's step log (the prompt, then each generated token). If a stage fails mid-generation, the
 router picks a healthy route, opens a fresh session there (a new id, so no worker can mistake it for
 the old one) and replays the same steps from position 0, which rebuilds every cache exactly as it was
-(same steps, same positions, checked by the workers), then continues. The sampler's state is never
-replayed, so seeded sampling yields the same tokens as a run without the failure.
+(same steps, same positions, checked by the workers), then continues. A replay is one request per stage
+(``ForwardRequest.replay_step_lengths``): each worker runs the steps one after another itself, with the
+shapes they first had, so a failover costs one round trip per stage, not one per token so far. The
+sampler's state is never replayed, so seeded sampling yields the same tokens as a run without the failure.
 
 A worker that lost the session (restarted at the same address: NOT_FOUND) or refuses a step's
 position gets the same replay, without being counted as failed. Every failover or replay takes a
@@ -31,7 +33,7 @@ from typing import Any
 
 import torch
 
-from services.errors import InvalidArgument, ShardmeshError, Unavailable
+from services.errors import FailedPrecondition, InvalidArgument, ShardmeshError, Unavailable
 from services.gen.shardmesh.v1 import router_pb2, worker_pb2
 from services.models.generation import SamplingParams, StopRule, next_token, sampling_generator, streamable_length
 from services.telemetry import FAILOVERS
@@ -52,6 +54,23 @@ StepGate = Callable[[int], contextlib.AbstractAsyncContextManager[None]]
 
 def _new_key() -> bytes:
     return secrets.token_bytes(SESSION_KEY_BYTES)
+
+
+def last_step_output(out: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """The last step's part of a replay's output (the steps' outputs concatenated along the sequence).
+
+    The last stage returns one position's logits per step, so the part is the last row; an output with
+    every position (``sum(lengths)`` rows) gives the last step's ``lengths[-1]`` rows.
+    """
+    rows = int(out.shape[1])
+    if rows == len(lengths):
+        return out[:, -1:]
+    if rows == sum(lengths):
+        return out[:, -lengths[-1]:]
+    raise FailedPrecondition(
+        f"a replay of {len(lengths)} steps ({sum(lengths)} tokens) returned {rows} rows, not one per step or per"
+        " token; is a worker on the route older than replay_step_lengths? upgrade it"
+    )
 
 
 @dataclass
@@ -220,29 +239,39 @@ class GenerationService:
                 self._close_later(old_route, old_id, old_secret)
 
     async def _replay(self, session: _Session, deadline: float) -> torch.Tensor:
-        """Rebuilds the new route's caches with the same steps at the same positions; returns the last logits."""
-        position = 0
-        logits = torch.empty(0)
-        for ids in session.steps:
-            logits = await self._run(session, ids, position, deadline, advance=False)
-            position += len(ids)
-        session.position = position
-        return logits
+        """Rebuilds the new route's caches with the same steps at the same positions, all of them in one request
+        per stage (``replay_step_lengths``: each worker runs them one after another, as separate steps); returns
+        the last step's logits, as that step alone would have returned them."""
+        ids = [token for step in session.steps for token in step]
+        lengths = [len(step) for step in session.steps]
+        out = await self._run(session, ids, 0, deadline, advance=False, step_lengths=lengths)
+        session.position = len(ids)
+        return last_step_output(out, lengths)
 
     async def _run(
-        self, session: _Session, ids: list[int], position: int, deadline: float, *, advance: bool = True
+        self,
+        session: _Session,
+        ids: list[int],
+        position: int,
+        deadline: float,
+        *,
+        advance: bool = True,
+        step_lengths: Sequence[int] = (),
     ) -> torch.Tensor:
+        """One step (or, with ``step_lengths``, a replay's steps in one request) through every stage of the route."""
         x = torch.tensor([ids], dtype=torch.int64)
         call_id = f"{session.session_id}@{position}"
         key = (session.session_id, position)
         call = self._pipeline._call
         if session.relay:
-            response, _ = await call(session.route, call_id, x, None, session.checksum, deadline, key, session.secret)
+            response, _ = await call(session.route, call_id, x, None, session.checksum, deadline, key, session.secret,
+                                     replay_step_lengths=step_lengths)
             out = await unpack_trusted(response.output, "output")
         else:
             out = x
             for worker in session.route:
-                response, _ = await call([worker], call_id, out, None, session.checksum, deadline, key, session.secret)
+                response, _ = await call([worker], call_id, out, None, session.checksum, deadline, key, session.secret,
+                                         replay_step_lengths=step_lengths)
                 out = await unpack_trusted(response.output, "output")
         if advance:
             session.position = position + len(ids)

@@ -344,20 +344,24 @@ class Pipeline:
         deadline: float,
         session: tuple[str, int] | None = None,
         session_key: bytes = b"",
+        replay_step_lengths: Sequence[int] = (),
     ) -> tuple[worker_pb2.ForwardResponse, float]:
         """One call to ``chosen[0]`` (relaying to the rest); ``session`` = (session id, position) for generation,
-        ``session_key`` the secret that proves this router owns the session (sent on every step)."""
+        ``session_key`` the secret that proves this router owns the session (sent on every step),
+        ``replay_step_lengths`` the steps a generation replay sends in this one call (ForwardRequest field)."""
         first = chosen[0]
         remaining = deadline - time.monotonic()
-        # A relayed call covers several hops: allow the hop timeout for each of them.
-        timeout = min(self._settings.hop_timeout_s * len(chosen), remaining)
+        # A relayed call covers several hops: allow the hop timeout for each of them. A replay runs each of
+        # its steps on every hop, as that many separate calls would: the hop timeout for each step.
+        hop_timeout_s = self._settings.hop_timeout_s * max(1, len(replay_step_lengths))
+        timeout = min(hop_timeout_s * len(chosen), remaining)
         colocated = self._settings.use_shm and shm.is_colocated(first.address)
         request = worker_pb2.ForwardRequest(
             request_id=call_id,
             input=await _pack(stage_input, colocated, call_id),  # a segment only this call may hand over
             reply_shm=colocated,
             reply_dtype=self._settings.wire_dtype,
-            hop_timeout_ms=int(self._settings.hop_timeout_s * 1000),
+            hop_timeout_ms=int(hop_timeout_s * 1000),
             layers=tensor_pb2.LayerRange(start=first.span.start, end=first.span.end),
             model_checksum=checksum,
             timeout_ms=max(1, int(downstream_budget(timeout) * 1000)),
@@ -380,6 +384,7 @@ class Pipeline:
         if session is not None:
             request.session_id, request.position = session
             request.session_key = session_key
+            request.replay_step_lengths.extend(replay_step_lengths)
         stats = [self._stats(w.worker_id) for w in chosen]
         for st in stats:
             st.start()
@@ -396,7 +401,8 @@ class Pipeline:
                 for st in stats:
                     st.finish()
         elapsed = time.monotonic() - started
-        self._stats(first.worker_id).observe(elapsed, time.monotonic())
+        # Per step for a replay: its length is the session's, not the replica's slowness (the balancer's peak EWMA).
+        self._stats(first.worker_id).observe(elapsed / max(1, len(replay_step_lengths)), time.monotonic())
         HOP_SECONDS.labels(worker=first.worker_id, mode="relay" if len(chosen) > 1 else "direct").observe(elapsed)
         log.debug("hop %s (%s) answered call %s in %.1f ms", first.worker_id, first.address, call_id, elapsed * 1000)
         return response, elapsed * 1000

@@ -14,6 +14,7 @@ packing, :class:`OutputHandoff` frees the segment whichever side finishes last, 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -26,9 +27,11 @@ from services.models.base import ModelSource, StageModel
 from services.wire import codec, placement
 from services.wire.shm import is_colocated
 from shard_worker.engine import StageEngine
-from shard_worker.inputs import check_plan, decode_input, reply_dtype
+from shard_worker.inputs import check_plan, decode_input, replay_lengths, reply_dtype
 from shard_worker.relay import Relay
 from shard_worker.sessions import SessionService
+
+log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 DRAIN_POLL_S = 0.05
@@ -159,6 +162,7 @@ class WorkerCore:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded(f"deadline exceeded before hop {self.worker_id} started", failed_worker_id=self.worker_id)
         inputs = decode_input(request, self.stage, self.max_tensor_bytes)
+        replay = replay_lengths(request, inputs.x)
         stage = self.stage
         wire_dtype = reply_dtype(request, self.wire_dtype)
         # The receiver is the next worker (relay) or the caller; large outputs to a co-located one go by shm.
@@ -179,9 +183,7 @@ class WorkerCore:
                     f"worker {self.worker_id} serves {self.source.model_id}, which has no generation sessions"
                 )
             started = time.monotonic()
-            out = await self.sessions.step(
-                request.session_id, request.position, request.session_ttl_s, inputs.x, deadline, request.session_key
-            )
+            out = await self._session_steps(request, inputs.x, replay, deadline)
             compute_ms, queue_ms = 1000 * (time.monotonic() - started), 0.0
             output, output_tensor = finish(out)
             batch_size = 1
@@ -211,6 +213,24 @@ class WorkerCore:
         response.hops.extend(request.upstream_hops)
         response.hops.append(record)
         return response
+
+    async def _session_steps(
+        self, request: worker_pb2.ForwardRequest, x: torch.Tensor, replay: list[int], deadline: float | None
+    ) -> torch.Tensor:
+        """One session step, or (``replay``) several run one after another exactly as separate requests would
+        run them (same slices, positions and code path, so the cache ends bit-identical), outputs concatenated."""
+        assert self.sessions is not None
+        sessions, sid, ttl, key = self.sessions, request.session_id, request.session_ttl_s, request.session_key
+        if not replay:
+            return await sessions.step(sid, request.position, ttl, x, deadline, key)
+        outputs: list[torch.Tensor] = []
+        start = 0
+        for n in replay:
+            step = x[:, start : start + n]
+            outputs.append(await sessions.step(sid, request.position + start, ttl, step, deadline, key))
+            start += n
+        log.info("session %s: replayed %d steps (%d tokens) in one request", sid, len(replay), start)
+        return torch.cat(outputs, dim=1)
 
     def describe(self) -> worker_pb2.DescribeResponse:
         span, src = self.stage.span, self.source

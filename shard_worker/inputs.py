@@ -69,6 +69,29 @@ def decode_input(request: worker_pb2.ForwardRequest, stage: StageModel, max_tens
     return StageInput(x, mask)
 
 
+def replay_lengths(request: worker_pb2.ForwardRequest, x: torch.Tensor) -> list[int]:
+    """The steps a replay request carries (``replay_step_lengths``), checked against its input; [] for a plain request.
+
+    Each length is a step of at least one token and together they cover the input exactly, so the count
+    is bounded by the input's sequence length (itself bounded by the size limit and the model's context).
+    """
+    lengths = [int(n) for n in request.replay_step_lengths]
+    if not lengths:
+        return []
+    if not request.session_id:
+        raise InvalidArgument("replay_step_lengths: only for a generation session; set session_id or leave it empty")
+    empty = next((i for i, n in enumerate(lengths) if n <= 0), None)
+    if empty is not None:
+        raise InvalidArgument(f"replay_step_lengths[{empty}]: 0 tokens; every step needs at least one")
+    tokens = int(x.shape[1])
+    if sum(lengths) != tokens:
+        raise InvalidArgument(
+            f"replay_step_lengths: the {len(lengths)} steps sum to {sum(lengths)} tokens but input holds {tokens}; "
+            "they must cover the input's sequence dimension exactly"
+        )
+    return lengths
+
+
 def reply_dtype(request: worker_pb2.ForwardRequest, default: torch.dtype) -> torch.dtype:
     """The dtype for a non-final output: activations are floating point, so only float32/float16/bfloat16."""
     if not request.reply_dtype:

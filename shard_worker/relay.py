@@ -111,6 +111,7 @@ class Relay:
             position=request.position,
             session_ttl_s=request.session_ttl_s,
             session_key=request.session_key,
+            replay_step_lengths=request.replay_step_lengths,  # a replay's steps: this output is theirs, concatenated
             route_mac=downstream_mac(request),
             route_expires_ms=request.route_expires_ms,
             priority=request.priority,

@@ -42,15 +42,20 @@ class FakeMesh:
         return plan_route(self.workers, excluded=excluded, checksum=checksum, start_layer=start_layer)
 
     async def call(self, chosen: list[WorkerInfo], call_id: str, x: torch.Tensor, mask: Any, checksum: str,
-                   deadline: float, session: tuple[str, int] | None = None, session_key: bytes = b"") -> Any:
+                   deadline: float, session: tuple[str, int] | None = None, session_key: bytes = b"",
+                   replay_step_lengths: tuple[int, ...] = ()) -> Any:
         assert session is not None and call_id.startswith(session[0])
         self.calls.append((chosen[0].worker_id, session[0], session[1], session_key))
         failure = self._fail_at.pop(len(self.calls), None)
         if failure is not None:
             failure.failed_worker_id = chosen[0].worker_id  # type: ignore[attr-defined]
             raise failure
-        out = torch.zeros(1, 1, VOCAB)
-        out[0, 0, session[1] % VOCAB] = 1.0
+        starts = [session[1]]  # a replay's steps: one row per step, as the worker concatenates them
+        for n in list(replay_step_lengths)[:-1]:
+            starts.append(starts[-1] + n)
+        out = torch.zeros(1, len(starts), VOCAB)
+        for row, start in enumerate(starts):
+            out[0, row, start % VOCAB] = 1.0
         return worker_pb2.ForwardResponse(output=codec.encode(out)), 1.0
 
     def peer(self, address: str) -> Any:
@@ -87,8 +92,8 @@ async def test_a_lost_session_is_replayed_with_a_new_key_and_the_old_one_closed_
     assert old_id.startswith(pipeline.nonce + ".") and ":client-id#0" in old_id and new_id.endswith("#1")
     assert len(old_key) == 16 and old_key != new_key
     assert all(key == (old_key if sid == old_id else new_key) for _, sid, _, key in mesh.calls)
-    # The replay re-sent every step from position 0 on the same (healthy) route.
-    assert [(w, p) for w, sid, p, _ in mesh.calls if sid == new_id][:4] == [("w0", 0), ("w1", 0), ("w0", 3), ("w1", 3)]
+    # The replay re-sent every step from position 0 on the same (healthy) route, in one call per stage.
+    assert [(w, p) for w, sid, p, _ in mesh.calls if sid == new_id][:4] == [("w0", 0), ("w1", 0), ("w0", 4), ("w1", 4)]
     assert sorted(mesh.closes) == sorted(
         [(w.address, old_id, old_key) for w in WORKERS] + [(w.address, new_id, new_key) for w in WORKERS]
     )

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.gen.shardmesh.v1 import tensor_pb2 as shardmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardmesh/v1/worker.proto\x12\x0cshardmesh.v1\x1a\x19shardmesh/v1/tensor.proto\"\xb7\x05\n\x0e\x46orwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x05input\x18\x02 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12(\n\x06layers\x18\x04 \x01(\x0b\x32\x18.shardmesh.v1.LayerRange\x12\x16\n\x0emodel_checksum\x18\x05 \x01(\t\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\x12\x0e\n\x06\x63\x61ncel\x18\x07 \x01(\x08\x12*\n\ndownstream\x18\n \x03(\x0b\x32\x16.shardmesh.v1.RouteHop\x12 \n\x04mode\x18\x0b \x01(\x0e\x32\x12.shardmesh.v1.Mode\x12$\n\x06source\x18\x0c \x01(\x0e\x32\x14.shardmesh.v1.Source\x12\x18\n\x10source_worker_id\x18\r \x01(\t\x12.\n\rupstream_hops\x18\x0e \x03(\x0b\x32\x17.shardmesh.v1.HopRecord\x12\x12\n\nsession_id\x18\x14 \x01(\t\x12\x10\n\x08position\x18\x15 \x01(\r\x12\x15\n\rsession_ttl_s\x18\x16 \x01(\r\x12\x1f\n\x17return_logits_only_last\x18\x17 \x01(\x08\x12\x11\n\treply_shm\x18\x18 \x01(\x08\x12(\n\x0breply_dtype\x18\x19 \x01(\x0e\x32\x13.shardmesh.v1.DType\x12\x16\n\x0ehop_timeout_ms\x18\x1a \x01(\r\x12\x11\n\troute_mac\x18\x1b \x01(\x0c\x12\x18\n\x10route_expires_ms\x18\x1c \x01(\x04\x12\x13\n\x0bsession_key\x18\x1d \x01(\x0c\x12\x10\n\x08priority\x18\x1e \x01(\r\x12\x13\n\x0btraceparent\x18\x1f \x01(\t\"\x96\x01\n\x0f\x46orwardResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06output\x18\x02 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12%\n\x04hops\x18\x03 \x03(\x0b\x32\x17.shardmesh.v1.HopRecord\x12\"\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x13.shardmesh.v1.Error\"\x11\n\x0f\x44\x65scribeRequest\"\xb9\x01\n\x08\x43\x61pacity\x12\x14\n\x0cmax_inflight\x18\x01 \x01(\r\x12\x10\n\x08inflight\x18\x02 \x01(\r\x12\x1a\n\x12\x63\x61\x63he_budget_bytes\x18\x03 \x01(\x04\x12\x18\n\x10\x63\x61\x63he_used_bytes\x18\x04 \x01(\x04\x12\x10\n\x08sessions\x18\x05 \x01(\r\x12\x18\n\x10max_tensor_bytes\x18\x06 \x01(\x04\x12\r\n\x05speed\x18\x07 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x08 \x01(\x04\"\xa6\x02\n\x10\x44\x65scribeResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12(\n\x06layers\x18\x04 \x01(\x0b\x32\x18.shardmesh.v1.LayerRange\x12\x14\n\x0ctotal_layers\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x18\n\x10weights_checksum\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\x12(\n\x08\x63\x61pacity\x18\t \x01(\x0b\x32\x16.shardmesh.v1.Capacity\x12\r\n\x05state\x18\n \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x0b \x01(\t\x12\x13\n\x0bhidden_size\x18\x0c \x01(\r\">\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\x0c\"\'\n\x14\x43loseSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\x32\xc9\x02\n\x0bShardWorker\x12\x46\n\x07\x46orward\x12\x1c.shardmesh.v1.ForwardRequest\x1a\x1d.shardmesh.v1.ForwardResponse\x12P\n\rForwardStream\x12\x1c.shardmesh.v1.ForwardRequest\x1a\x1d.shardmesh.v1.ForwardResponse(\x01\x30\x01\x12I\n\x08\x44\x65scribe\x12\x1d.shardmesh.v1.DescribeRequest\x1a\x1e.shardmesh.v1.DescribeResponse\x12U\n\x0c\x43loseSession\x12!.shardmesh.v1.CloseSessionRequest\x1a\".shardmesh.v1.CloseSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardmesh/v1/worker.proto\x12\x0cshardmesh.v1\x1a\x19shardmesh/v1/tensor.proto\"\xd4\x05\n\x0e\x46orwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x05input\x18\x02 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12(\n\x06layers\x18\x04 \x01(\x0b\x32\x18.shardmesh.v1.LayerRange\x12\x16\n\x0emodel_checksum\x18\x05 \x01(\t\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\x12\x0e\n\x06\x63\x61ncel\x18\x07 \x01(\x08\x12*\n\ndownstream\x18\n \x03(\x0b\x32\x16.shardmesh.v1.RouteHop\x12 \n\x04mode\x18\x0b \x01(\x0e\x32\x12.shardmesh.v1.Mode\x12$\n\x06source\x18\x0c \x01(\x0e\x32\x14.shardmesh.v1.Source\x12\x18\n\x10source_worker_id\x18\r \x01(\t\x12.\n\rupstream_hops\x18\x0e \x03(\x0b\x32\x17.shardmesh.v1.HopRecord\x12\x12\n\nsession_id\x18\x14 \x01(\t\x12\x10\n\x08position\x18\x15 \x01(\r\x12\x15\n\rsession_ttl_s\x18\x16 \x01(\r\x12\x1f\n\x17return_logits_only_last\x18\x17 \x01(\x08\x12\x11\n\treply_shm\x18\x18 \x01(\x08\x12(\n\x0breply_dtype\x18\x19 \x01(\x0e\x32\x13.shardmesh.v1.DType\x12\x16\n\x0ehop_timeout_ms\x18\x1a \x01(\r\x12\x11\n\troute_mac\x18\x1b \x01(\x0c\x12\x18\n\x10route_expires_ms\x18\x1c \x01(\x04\x12\x13\n\x0bsession_key\x18\x1d \x01(\x0c\x12\x10\n\x08priority\x18\x1e \x01(\r\x12\x13\n\x0btraceparent\x18\x1f \x01(\t\x12\x1b\n\x13replay_step_lengths\x18  \x03(\r\"\x96\x01\n\x0f\x46orwardResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06output\x18\x02 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12%\n\x04hops\x18\x03 \x03(\x0b\x32\x17.shardmesh.v1.HopRecord\x12\"\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x13.shardmesh.v1.Error\"\x11\n\x0f\x44\x65scribeRequest\"\xb9\x01\n\x08\x43\x61pacity\x12\x14\n\x0cmax_inflight\x18\x01 \x01(\r\x12\x10\n\x08inflight\x18\x02 \x01(\r\x12\x1a\n\x12\x63\x61\x63he_budget_bytes\x18\x03 \x01(\x04\x12\x18\n\x10\x63\x61\x63he_used_bytes\x18\x04 \x01(\x04\x12\x10\n\x08sessions\x18\x05 \x01(\r\x12\x18\n\x10max_tensor_bytes\x18\x06 \x01(\x04\x12\r\n\x05speed\x18\x07 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x08 \x01(\x04\"\xa6\x02\n\x10\x44\x65scribeResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12(\n\x06layers\x18\x04 \x01(\x0b\x32\x18.shardmesh.v1.LayerRange\x12\x14\n\x0ctotal_layers\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x18\n\x10weights_checksum\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\x12(\n\x08\x63\x61pacity\x18\t \x01(\x0b\x32\x16.shardmesh.v1.Capacity\x12\r\n\x05state\x18\n \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x0b \x01(\t\x12\x13\n\x0bhidden_size\x18\x0c \x01(\r\">\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\x0c\"\'\n\x14\x43loseSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\x32\xc9\x02\n\x0bShardWorker\x12\x46\n\x07\x46orward\x12\x1c.shardmesh.v1.ForwardRequest\x1a\x1d.shardmesh.v1.ForwardResponse\x12P\n\rForwardStream\x12\x1c.shardmesh.v1.ForwardRequest\x1a\x1d.shardmesh.v1.ForwardResponse(\x01\x30\x01\x12I\n\x08\x44\x65scribe\x12\x1d.shardmesh.v1.DescribeRequest\x1a\x1e.shardmesh.v1.DescribeResponse\x12U\n\x0c\x43loseSession\x12!.shardmesh.v1.CloseSessionRequest\x1a\".shardmesh.v1.CloseSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardmesh.v1.worker_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FORWARDREQUEST']._serialized_start=71
-  _globals['_FORWARDREQUEST']._serialized_end=766
-  _globals['_FORWARDRESPONSE']._serialized_start=769
-  _globals['_FORWARDRESPONSE']._serialized_end=919
-  _globals['_DESCRIBEREQUEST']._serialized_start=921
-  _globals['_DESCRIBEREQUEST']._serialized_end=938
-  _globals['_CAPACITY']._serialized_start=941
-  _globals['_CAPACITY']._serialized_end=1126
-  _globals['_DESCRIBERESPONSE']._serialized_start=1129
-  _globals['_DESCRIBERESPONSE']._serialized_end=1423
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1425
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1487
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1489
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1528
-  _globals['_SHARDWORKER']._serialized_start=1531
-  _globals['_SHARDWORKER']._serialized_end=1860
+  _globals['_FORWARDREQUEST']._serialized_end=795
+  _globals['_FORWARDRESPONSE']._serialized_start=798
+  _globals['_FORWARDRESPONSE']._serialized_end=948
+  _globals['_DESCRIBEREQUEST']._serialized_start=950
+  _globals['_DESCRIBEREQUEST']._serialized_end=967
+  _globals['_CAPACITY']._serialized_start=970
+  _globals['_CAPACITY']._serialized_end=1155
+  _globals['_DESCRIBERESPONSE']._serialized_start=1158
+  _globals['_DESCRIBERESPONSE']._serialized_end=1452
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1454
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1516
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1518
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1557
+  _globals['_SHARDWORKER']._serialized_start=1560
+  _globals['_SHARDWORKER']._serialized_end=1889
 # @@protoc_insertion_point(module_scope)

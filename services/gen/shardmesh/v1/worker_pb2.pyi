@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("request_id", "input", "attention_mask", "layers", "model_checksum", "timeout_ms", "cancel", "downstream", "mode", "source", "source_worker_id", "upstream_hops", "session_id", "position", "session_ttl_s", "return_logits_only_last", "reply_shm", "reply_dtype", "hop_timeout_ms", "route_mac", "route_expires_ms", "session_key", "priority", "traceparent")
+    __slots__ = ("request_id", "input", "attention_mask", "layers", "model_checksum", "timeout_ms", "cancel", "downstream", "mode", "source", "source_worker_id", "upstream_hops", "session_id", "position", "session_ttl_s", "return_logits_only_last", "reply_shm", "reply_dtype", "hop_timeout_ms", "route_mac", "route_expires_ms", "session_key", "priority", "traceparent", "replay_step_lengths")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class ForwardRequest(_message.Message):
     SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_STEP_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input: _tensor_pb2.Tensor
     attention_mask: _tensor_pb2.Tensor
@@ -57,7 +58,8 @@ class ForwardRequest(_message.Message):
     session_key: bytes
     priority: int
     traceparent: str
-    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., layers: _Optional[_Union[_tensor_pb2.LayerRange, _Mapping]] = ..., model_checksum: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., cancel: _Optional[bool] = ..., downstream: _Optional[_Iterable[_Union[_tensor_pb2.RouteHop, _Mapping]]] = ..., mode: _Optional[_Union[_tensor_pb2.Mode, str]] = ..., source: _Optional[_Union[_tensor_pb2.Source, str]] = ..., source_worker_id: _Optional[str] = ..., upstream_hops: _Optional[_Iterable[_Union[_tensor_pb2.HopRecord, _Mapping]]] = ..., session_id: _Optional[str] = ..., position: _Optional[int] = ..., session_ttl_s: _Optional[int] = ..., return_logits_only_last: _Optional[bool] = ..., reply_shm: _Optional[bool] = ..., reply_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., hop_timeout_ms: _Optional[int] = ..., route_mac: _Optional[bytes] = ..., route_expires_ms: _Optional[int] = ..., session_key: _Optional[bytes] = ..., priority: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    replay_step_lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., layers: _Optional[_Union[_tensor_pb2.LayerRange, _Mapping]] = ..., model_checksum: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., cancel: _Optional[bool] = ..., downstream: _Optional[_Iterable[_Union[_tensor_pb2.RouteHop, _Mapping]]] = ..., mode: _Optional[_Union[_tensor_pb2.Mode, str]] = ..., source: _Optional[_Union[_tensor_pb2.Source, str]] = ..., source_worker_id: _Optional[str] = ..., upstream_hops: _Optional[_Iterable[_Union[_tensor_pb2.HopRecord, _Mapping]]] = ..., session_id: _Optional[str] = ..., position: _Optional[int] = ..., session_ttl_s: _Optional[int] = ..., return_logits_only_last: _Optional[bool] = ..., reply_shm: _Optional[bool] = ..., reply_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., hop_timeout_ms: _Optional[int] = ..., route_mac: _Optional[bytes] = ..., route_expires_ms: _Optional[int] = ..., session_key: _Optional[bytes] = ..., priority: _Optional[int] = ..., traceparent: _Optional[str] = ..., replay_step_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("request_id", "output", "hops", "error")
