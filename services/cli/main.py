@@ -12,6 +12,7 @@ import sys
 
 from services.cli.parser import build_parser
 from services.errors import ShardmeshError
+from services.memory import reexec_for_fast_exit
 
 # command -> "module:function"; each function takes the parsed argparse.Namespace and returns an exit code.
 HANDLERS: dict[str, str] = {
@@ -36,6 +37,8 @@ PASSIVE_OMP_COMMANDS = frozenset({"worker", "router"})
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command == "worker":
+        reexec_for_fast_exit()  # a killed worker's peers notice 5x sooner (services/memory.py)
     if args.command in PASSIVE_OMP_COMMANDS:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported by the handler
     module_name, func_name = HANDLERS[args.command].split(":")
