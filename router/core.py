@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Any
 
 import torch
@@ -194,10 +194,30 @@ class RouterCore:
         mask_t = codec.decode(mask, field="attention_mask", max_bytes=_TRUSTED_BYTES) if mask is not None else None
         return ids_t, mask_t, self.result_cache.get(checksum, result_key(checksum, ids_t, mask_t))
 
-    async def generate(
-        self, request: router_pb2.GenerateRequest, time_remaining: float | None, caller: CallerInfo | None = None
+    def generate(
+        self, request: router_pb2.GenerateRequest, time_remaining: float | None, caller: CallerInfo | None = None,
+        *, traceparent: str = "",
     ) -> AsyncIterator[router_pb2.GenerateEvent]:
-        """Streams generated tokens, then a summary (see router/generation.py)."""
+        """Streams generated tokens, then a summary (see router/generation.py); ``traceparent`` as for :meth:`infer`.
+        With tracing off this is :meth:`_generate` itself (no wrapper, nothing allocated for tracing)."""
+        events = self._generate(request, time_remaining, caller)
+        return events if not tracing.enabled() else self._traced_generate(events, request, traceparent)
+
+    async def _traced_generate(
+        self, events: AsyncGenerator[router_pb2.GenerateEvent, None], request: router_pb2.GenerateRequest, traceparent: str
+    ) -> AsyncIterator[router_pb2.GenerateEvent]:
+        """The Generate's ``router.generate`` span around its events: current while each step runs, so steps and
+        hops (router/generation.py, router/pipeline.py) are its children; ends with the last event or the error."""
+        attributes = {"shardmesh.request_id": request.session_id or request.request_id, "shardmesh.mode": int(request.mode)}
+        with tracing.span("router.generate", attributes, traceparent=traceparent or None):
+            async with contextlib.aclosing(events):  # closed with this one (a cancelled or abandoned stream)
+                async for event in events:
+                    yield event
+
+    async def _generate(
+        self, request: router_pb2.GenerateRequest, time_remaining: float | None, caller: CallerInfo | None = None
+    ) -> AsyncGenerator[router_pb2.GenerateEvent, None]:
+        """The Generate itself: checks, admission, the scheduler's slot, then router/generation.py's events."""
         if self.generation is None:
             raise FailedPrecondition("this router has no generation service")
         priority, tenant = self._who(request.priority, caller)

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from services import tracing
 from services.errors import FailedPrecondition, InvalidArgument, ShardmeshError, Unavailable
 from services.gen.shardmesh.v1 import router_pb2, worker_pb2
 from services.models.generation import SamplingParams, StopRule, next_token, sampling_generator, streamable_length
@@ -156,7 +157,8 @@ class GenerationService:
             step_ids = list(prompt_ids)
             while True:
                 async with gate(len(generated)) if gate is not None else contextlib.nullcontext():
-                    logits = await self._step(session, step_ids, deadline)
+                    with _step_span(session, len(generated), step_ids):  # tracing: NOOP when off
+                        logits = await self._step(session, step_ids, deadline)
                 token = next_token(logits.reshape(-1), params, generator)
                 generated.append(token)
                 if len(generated) == 1:
@@ -235,6 +237,13 @@ class GenerationService:
                     session.request_id, failed.worker_id, session.position, exc, len(session.steps),
                     [w.worker_id for w in session.route],
                 )
+                if tracing.enabled():  # on the step's span (router.step)
+                    tracing.current().event("replay", {
+                        "shardmesh.reason": "lost session" if lost else "failover",
+                        "shardmesh.failed_worker_id": failed.worker_id, "shardmesh.error": str(exc),
+                        "shardmesh.steps": len(session.steps), "shardmesh.position": session.position,
+                        "shardmesh.route": [w.worker_id for w in session.route],
+                    })
                 # The old session may still live on workers that are alive (including the one that failed).
                 self._close_later(old_route, old_id, old_secret)
 
@@ -297,3 +306,12 @@ class GenerationService:
         """Waits (bounded) for CloseSession calls still running, e.g. before the router exits."""
         if self._cleanups:
             await asyncio.wait(set(self._cleanups), timeout=timeout_s)
+
+
+def _step_span(session: _Session, index: int, ids: Sequence[int]) -> tracing.NoopSpan | tracing.Span:
+    """The router's span for one generation step (its hops, and a replay's, are children), child of the
+    Generate's span; NOOP when tracing is off or the request is not sampled."""
+    if not tracing.enabled():
+        return tracing.NOOP
+    attributes = {"shardmesh.step": index, "shardmesh.position": session.position, "shardmesh.tokens": len(ids)}
+    return tracing.span("router.step", attributes, require_parent=True)

@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from services import tracing
 from services.errors import InvalidArgument, NotFound, ShardmeshError, grpc_errors, status_of
 from services.gen.inference import grpc_service_pb2 as oip_pb2
 from services.gen.inference import grpc_service_pb2_grpc as oip_pb2_grpc
@@ -459,23 +460,29 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
     # -- inference ----------------------------------------------------------------------------------
 
     async def _infer(
-        self, request: oip_pb2.ModelInferRequest, time_remaining: float | None, caller: CallerInfo, *, stream: bool
+        self, request: oip_pb2.ModelInferRequest, time_remaining: float | None, caller: CallerInfo, *, stream: bool,
+        traceparent: str = "",
     ) -> tuple[oip_pb2.ModelInferResponse, MeshWork]:
+        """``traceparent``: the client's W3C trace context; each batch row's span (RouterCore.infer) continues it."""
         name = self._check_model(request.model_name, request.model_version)
         work = mesh_work(request, max_text_bytes=self._max_text_bytes, max_batch=self._core.max_inflight, stream=stream)
         if work.timeout_s is not None:
             time_remaining = work.timeout_s if time_remaining is None else min(time_remaining, work.timeout_s)
-        responses = await _all_or_nothing([self._core.infer(r, time_remaining, caller) for r in work.requests])
+        responses = await _all_or_nothing(
+            [self._core.infer(r, time_remaining, caller, traceparent=traceparent) for r in work.requests]
+        )
         return infer_response(request, name, responses), work
 
     @grpc_errors
     async def ModelInfer(self, request: oip_pb2.ModelInferRequest, context: grpc.aio.ServicerContext) -> oip_pb2.ModelInferResponse:
-        reply, _ = await self._infer(request, context.time_remaining(), _caller(context), stream=False)
+        traceparent = tracing.traceparent_from_metadata(context.invocation_metadata())  # "" when tracing is off
+        reply, _ = await self._infer(request, context.time_remaining(), _caller(context), stream=False, traceparent=traceparent)
         return reply
 
     async def ModelStreamInfer(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         parse_message = parser(oip_pb2.ModelInferRequest)
         caller = _caller(context)  # the stream's metadata applies to each request on it
+        traceparent = tracing.traceparent_from_metadata(context.invocation_metadata())  # "" when tracing is off
 
         def parse(raw: Any) -> _StreamItem:
             self._stream_seq += 1
@@ -484,7 +491,7 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
         async def handle(item: _StreamItem) -> oip_pb2.ModelStreamInferResponse:
             if self._charge_stream_request is not None:
                 self._charge_stream_request()
-            reply, work = await self._infer(item.message, None, caller, stream=True)
+            reply, work = await self._infer(item.message, None, caller, stream=True, traceparent=traceparent)
             if work.final_response_flag:  # one response per request: it is also the final one
                 reply.parameters["triton_final_response"].bool_param = True
             return oip_pb2.ModelStreamInferResponse(infer_response=reply)

@@ -94,5 +94,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateEvent]:
         self._check_text(request)
-        async for event in self._core.generate(request, context.time_remaining(), self._caller(context)):
+        traceparent = tracing.traceparent_from_metadata(context.invocation_metadata())  # "" when tracing is off
+        async for event in self._core.generate(request, context.time_remaining(), self._caller(context), traceparent=traceparent):
             yield event

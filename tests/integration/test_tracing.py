@@ -22,6 +22,8 @@ import pytest
 import torch
 
 from services.client import AsyncRouterClient, RouterClient, build_request
+from services.gen.inference import grpc_service_pb2 as oip_pb2
+from services.gen.inference import grpc_service_pb2_grpc as oip_pb2_grpc
 from services.gen.shardmesh.v1 import router_pb2_grpc
 from tests.fault_worker import start_fault_worker
 from tests.procs import UpMesh, mesh_up, start_router, start_worker, wait_serving
@@ -137,6 +139,62 @@ def test_relay_request_is_one_trace_linked_hop_to_hop(mesh: UpMesh, trace_file: 
         assert relay["parent_id"] == forwards[previous]["span_id"]  # the relay forward belongs to the sender...
         assert forwards[nxt]["parent_id"] == relay["span_id"]  # ...and the next worker's span is its child
         assert forwards[nxt]["attributes"]["shardmesh.source_worker_id"] == previous
+
+
+def _oip_text_request(texts: list[str]) -> oip_pb2.ModelInferRequest:
+    request = oip_pb2.ModelInferRequest(model_name="minilm")
+    request.inputs.add(name="text", datatype="BYTES", shape=[len(texts)]).contents.bytes_contents.extend(
+        t.encode() for t in texts
+    )
+    return request
+
+
+def _spans_of_trace(path: Path, trace_id: str, expect_spans: int, timeout_s: float = 15.0) -> list[Span]:
+    """The spans of ``trace_id`` (waits until ``expect_spans`` of them were written, at most ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        trace = [s for s in _spans(path) if s["trace_id"] == trace_id]
+        if len(trace) >= expect_spans or time.monotonic() > deadline:
+            return trace
+        time.sleep(0.1)
+
+
+def _check_oip_trace(trace: list[Span], client_span: str, rows: int) -> None:
+    """One router.request per batch row, each a child of the client's span, each relayed through every worker."""
+    roots = [s for s in trace if s["name"] == "router.request"]
+    assert len(roots) == rows and all(r["parent_id"] == client_span for r in roots)
+    assert all(r["attributes"]["shardmesh.request_id"].startswith("oip-") for r in roots)
+    for root in roots:
+        (hop,) = [s for s in trace if s["name"] == "router.hop" and s["parent_id"] == root["span_id"]]
+        (first,) = [s for s in trace if s["name"] == "worker.forward" and s["parent_id"] == hop["span_id"]]
+        assert first["attributes"]["shardmesh.worker_id"] == "w0"
+    assert len([s for s in trace if s["name"] == "worker.forward"]) == 3 * rows
+
+
+def test_oip_model_infer_continues_the_client_trace(mesh: UpMesh, trace_file: Path) -> None:
+    """KServe v2 ModelInfer with a client traceparent: every batch row's spans are in the client's trace."""
+    client_trace, client_span = "8bf92f3577b34da6a3ce929d0e0e4736", "40f067aa0ba902b7"
+    with grpc.insecure_channel(mesh.router) as channel:
+        reply = oip_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            _oip_text_request(["first row", "second row"]), timeout=60,
+            metadata=(("traceparent", f"00-{client_trace}-{client_span}-01"),),
+        )
+    assert list(reply.outputs[0].shape)[0] == 2
+    trace = _spans_of_trace(trace_file, client_trace, expect_spans=2 * (1 + 1 + 3 * 3 + 2))
+    _check_oip_trace(trace, client_span, rows=2)
+
+
+def test_oip_model_stream_infer_continues_the_client_trace(mesh: UpMesh, trace_file: Path) -> None:
+    """Triton's ModelStreamInfer: the stream's traceparent metadata applies to each request on it."""
+    client_trace, client_span = "9bf92f3577b34da6a3ce929d0e0e4736", "50f067aa0ba902b7"
+    with grpc.insecure_channel(mesh.router) as channel:
+        replies = list(oip_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+            iter([_oip_text_request(["streamed"])]), timeout=60,
+            metadata=(("traceparent", f"00-{client_trace}-{client_span}-01"),),
+        ))
+    assert len(replies) == 1 and not replies[0].error_message
+    trace = _spans_of_trace(trace_file, client_trace, expect_spans=1 + 1 + 3 * 3 + 2)
+    _check_oip_trace(trace, client_span, rows=1)
 
 
 def test_concurrent_requests_on_shared_streams_get_separate_traces(mesh: UpMesh, trace_file: Path) -> None:
