@@ -7,7 +7,8 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
@@ -158,3 +159,44 @@ def test_json_lines_exporter(tmp_path: object) -> None:
     assert (a_rec["name"], b["name"], b["service"]) == ("a", "b", "svc")
     assert b["parent_id"] == a_rec["span_id"] and b["trace_id"] == a_rec["trace_id"] and a_rec["parent_id"] == ""
     assert b["attributes"] == {"k": "v"} and a_rec["events"] == [{"name": "e", "attributes": {"n": 1}}]
+
+
+def test_generate_is_wrapped_in_a_span_only_when_tracing_is_on(exporter: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RouterCore.generate: off, the untraced event stream itself; on, a router.generate span continuing the
+    client's traceparent, current while the events are produced, and an abandoned stream closes the inner one."""
+    from types import SimpleNamespace
+
+    from router.core import RouterCore
+    from services.gen.shardmesh.v1 import router_pb2
+
+    closed: list[bool] = []
+    seen_trace: list[str] = []
+
+    async def inner() -> AsyncIterator[str]:
+        try:
+            seen_trace.append(tracing.current_trace_id())
+            yield "first"
+            yield "second"
+        finally:
+            closed.append(True)
+
+    request = router_pb2.GenerateRequest(request_id="g1")
+    header = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    core: Any = SimpleNamespace(_generate=lambda *a: inner())
+    core._traced_generate = lambda *a: RouterCore._traced_generate(core, *a)
+    with monkeypatch.context() as off:
+        off.setattr(tracing, "_tracer", None)
+        untraced = RouterCore.generate(core, request, None, traceparent=header)
+        assert untraced.ag_code is inner.__code__  # type: ignore[attr-defined]  # no wrapper
+
+    async def consume_one() -> None:
+        events = RouterCore.generate(core, request, None, traceparent=header)
+        assert await events.__anext__() == "first"
+        await events.aclose()  # type: ignore[attr-defined]  # the client went away after one event
+        assert closed == [True]  # at once, not when the loop shuts its generators down
+
+    asyncio.run(consume_one())
+    assert seen_trace == ["ab" * 16] and closed == [True]
+    (span,) = exporter.get_finished_spans()  # type: ignore[attr-defined]
+    assert span.name == "router.generate" and span.parent.span_id == int("cd" * 8, 16)
+    assert span.attributes["shardmesh.request_id"] == "g1"
