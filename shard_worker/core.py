@@ -217,19 +217,14 @@ class WorkerCore:
     async def _session_steps(
         self, request: worker_pb2.ForwardRequest, x: torch.Tensor, replay: list[int], deadline: float | None
     ) -> torch.Tensor:
-        """One session step, or (``replay``) several run one after another exactly as separate requests would
-        run them (same slices, positions and code path, so the cache ends bit-identical), outputs concatenated."""
+        """One session step, or (``replay``) several run one after another as separate steps (same slices and
+        positions, so the cache ends bit-identical), outputs concatenated."""
         assert self.sessions is not None
         sessions, sid, ttl, key = self.sessions, request.session_id, request.session_ttl_s, request.session_key
         if not replay:
             return await sessions.step(sid, request.position, ttl, x, deadline, key)
-        outputs: list[torch.Tensor] = []
-        start = 0
-        for n in replay:
-            step = x[:, start : start + n]
-            outputs.append(await sessions.step(sid, request.position + start, ttl, step, deadline, key))
-            start += n
-        log.info("session %s: replayed %d steps (%d tokens) in one request", sid, len(replay), start)
+        outputs = await sessions.replay(sid, request.position, ttl, x, replay, deadline, key)
+        log.info("session %s: replayed %d steps (%d tokens) in one request", sid, len(replay), sum(replay))
         return torch.cat(outputs, dim=1)
 
     def describe(self) -> worker_pb2.DescribeResponse:

@@ -14,6 +14,10 @@ cache holds a different number of tokens (no silent off-by-one after a failover:
 on a fresh session instead). A session belongs to the key it was opened with (``session_key``): steps
 and closes with another key are PERMISSION_DENIED. A draining worker opens no new sessions but lets
 open ones finish (:meth:`SessionService.begin_drain`, :meth:`SessionService.wait_closed`).
+
+A router's replay after a failover sends a session's whole step log in one request
+(:meth:`SessionService.replay`): its steps run one by one, each on its own slice as a lone step runs, a few
+per compute job, so the replay waits for the compute thread a few times instead of once per step.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ MAX_PREFILL_BATCH = 16
 # host under load: one SmolLM2 linear for 8 rows took 1.3 ms on one thread, 64-120 ms on two.
 DECODE_THREADS = 1
 PREFILL_PAD_TOKENS = 32  # padding bound of a batched prefill row: max(this, a quarter of the shortest row)
+# A replay (ForwardRequest.replay_step_lengths) runs its steps in compute jobs of about this long: one queue
+# wait per job instead of one per step, while other requests still get the compute thread between its jobs.
+REPLAY_JOB_S = 0.02
 
 
 @dataclass
@@ -156,6 +163,56 @@ class SessionService:
                 work=(1, tokens),
             )
             return result.value  # type: ignore[return-value]
+
+    async def replay(
+        self,
+        session_id: str,
+        position: int,
+        ttl_s: float,
+        x: torch.Tensor,
+        lengths: list[int],
+        deadline: float | None,
+        key: bytes = b"",
+    ) -> list[torch.Tensor]:
+        """Runs a replay's steps (``lengths`` tokens each, the first at ``position``) in order; their outputs.
+
+        Each step runs as a step alone does (``stage.step`` on its own slice and position: the shapes it first
+        ran with, so the cache ends as it was), several per compute job: a replay waits for the compute thread
+        once per ``REPLAY_JOB_S`` of work, not once per step, and queued work still runs between its jobs.
+        """
+        if position == 0:
+            if self.draining:
+                worker_id = self._engine.worker_id
+                raise Unavailable(f"worker {worker_id} is draining; open the session elsewhere", failed_worker_id=worker_id)
+            self.store.open(session_id, ttl_s or self._default_ttl_s, time.monotonic(), reserve_tokens=lengths[0], key=key)
+        starts = [position]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        stage, batching = self._stage, self._batching
+        outputs: list[torch.Tensor] = []
+        order = self._order.setdefault(session_id, asyncio.Lock())
+        async with order:
+            while len(outputs) < len(lengths):
+                first = len(outputs)
+                cache = self.store.prepare_step(session_id, starts[first], sum(lengths[first:]), time.monotonic(), key=key)
+
+                def job(first: int = first, cache: SessionCache = cache) -> list[torch.Tensor]:
+                    began, done = time.monotonic(), []
+                    for i in range(first, len(lengths)):
+                        offset = starts[i] - position
+                        decode = lengths[i] == 1 and batching  # as _decode_batched runs it (its thread count)
+                        with intra_op_threads(DECODE_THREADS) if decode else contextlib.nullcontext():
+                            out = stage.step(x[:, offset : offset + lengths[i]], session_cache=cache, position=starts[i])
+                        done.append(out)
+                        if time.monotonic() - began >= REPLAY_JOB_S:
+                            break
+                    return done
+
+                result = await self._engine.run(
+                    job, deadline, decode=starts[first] > 0, work=(1, max(lengths[first:]))
+                )
+                outputs.extend(result.value)  # type: ignore[arg-type]
+        return outputs
 
     async def _decode_batched(self, x: torch.Tensor, cache: SessionCache, position: int) -> torch.Tensor:
         item = _Decode(x, cache, position, asyncio.get_running_loop().create_future())
