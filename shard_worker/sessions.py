@@ -142,12 +142,7 @@ class SessionService:
         now = time.monotonic()
         tokens = int(x.shape[1])
         if position == 0:
-            if self.draining:
-                worker_id = self._engine.worker_id
-                raise Unavailable(
-                    f"worker {worker_id} is draining; open the session elsewhere", failed_worker_id=worker_id
-                )
-            self.store.open(session_id, ttl_s or self._default_ttl_s, now, reserve_tokens=tokens, key=key)
+            self._open(session_id, ttl_s, now, tokens, key)
         order = self._order.setdefault(session_id, asyncio.Lock())
         async with order:  # a session's steps run one at a time, in arrival order
             cache = self.store.prepare_step(session_id, position, tokens, now, key=key)
@@ -163,6 +158,13 @@ class SessionService:
                 work=(1, tokens),
             )
             return result.value  # type: ignore[return-value]
+
+    def _open(self, session_id: str, ttl_s: float, now: float, tokens: int, key: bytes) -> None:
+        """Opens a session at its first step (a lone step's or a replay's); a draining worker opens none."""
+        if self.draining:
+            worker_id = self._engine.worker_id
+            raise Unavailable(f"worker {worker_id} is draining; open the session elsewhere", failed_worker_id=worker_id)
+        self.store.open(session_id, ttl_s or self._default_ttl_s, now, reserve_tokens=tokens, key=key)
 
     async def replay(
         self,
@@ -181,10 +183,7 @@ class SessionService:
         once per ``REPLAY_JOB_S`` of work, not once per step, and queued work still runs between its jobs.
         """
         if position == 0:
-            if self.draining:
-                worker_id = self._engine.worker_id
-                raise Unavailable(f"worker {worker_id} is draining; open the session elsewhere", failed_worker_id=worker_id)
-            self.store.open(session_id, ttl_s or self._default_ttl_s, time.monotonic(), reserve_tokens=lengths[0], key=key)
+            self._open(session_id, ttl_s, time.monotonic(), lengths[0], key)
         starts = [position]
         for n in lengths[:-1]:
             starts.append(starts[-1] + n)
