@@ -59,9 +59,23 @@ WORKER_COMPUTE_SECONDS = Histogram(
 )
 WORKER_BATCH_SIZE = Histogram(
     "shardmesh_worker_batch_size",
-    "Requests per stateless forward pass on the worker (dynamic batching; 1 = alone)",
+    "Requests or session steps per forward pass on the worker (1 = alone); "
+    "kind=stateless (Forward, dynamic batching)|prefill (session steps of several tokens)|decode (one-token steps)",
+    ["kind"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
+
+
+def observe_batch(kind: str, size: int) -> None:
+    """One forward pass of ``size`` requests or session steps (``kind`` as in WORKER_BATCH_SIZE); none for 0."""
+    if size > 0:
+        WORKER_BATCH_SIZE.labels(kind=kind).observe(size)
+
+
+def step_kind(tokens: int) -> str:
+    """A session step's WORKER_BATCH_SIZE kind: ``decode`` for one token, ``prefill`` for several."""
+    return "decode" if tokens == 1 else "prefill"
+
 
 # Worker: generation sessions and their KV caches (read at scrape time from the session store).
 KV_CACHE_BYTES = Gauge("shardmesh_kv_cache_bytes", "KV cache bytes held: open sessions plus cached prefix blocks")

@@ -39,7 +39,7 @@ import torch
 from services.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from services.models.base import StageModel
 from services.models.interrupt import Interrupt, interruptible
-from services.telemetry import WORKER_BATCH_SIZE, WORKER_COMPUTE_SECONDS, WORKER_QUEUE_SECONDS
+from services.telemetry import WORKER_COMPUTE_SECONDS, WORKER_QUEUE_SECONDS, observe_batch
 from shard_worker.batching import Pending, batch_is_full, select_batch, wait_for_more_s
 
 T = TypeVar("T")
@@ -189,6 +189,7 @@ class StageEngine:
         during compute stops at the next layer. ``decode``: a step of an open generation session (its own
         lane and reserve). ``work``: ``(batch, tokens)``, checked against ``max_batch_tokens`` first.
         ``priority``: the request's level (1 = highest, 0 = unset), for the stateless lane's order.
+        ``job`` records its own forward passes in WORKER_BATCH_SIZE (only it knows how many steps it runs).
         The slot is held until the compute thread is done with the job, not merely until the caller left.
         """
         if work is not None:
@@ -338,10 +339,10 @@ class StageEngine:
             members.append(entry)
         if not members:
             return False
-        WORKER_BATCH_SIZE.observe(len(members))
-        if members[0].job is not None:  # an opaque job: always alone
+        if members[0].job is not None:  # an opaque job: always alone (it records its own batch sizes)
             _settle(members[0].future, members[0].job)
             return True
+        observe_batch("stateless", len(members))
         gate = _BatchInterrupt([m.interrupt for m in members])
         outputs: list[torch.Tensor | BaseException | None]
         with torch.inference_mode(), interruptible(gate):

@@ -38,7 +38,9 @@ from services.models.base import StageModel
 from services.models.interrupt import interruptible
 from services.models.kv_cache import SessionCache, SessionCacheStore
 from services.models.prefix_cache import DEFAULT_BLOCK_TOKENS, PrefixCache, joined_kv, joined_output
-from services.telemetry import KV_CACHE_BUDGET_BYTES, KV_CACHE_BYTES, KV_CACHE_PREFIX_BYTES, SESSIONS, SESSIONS_EXPIRED, watch
+from services.telemetry import (
+    KV_CACHE_BUDGET_BYTES, KV_CACHE_BYTES, KV_CACHE_PREFIX_BYTES, SESSIONS, SESSIONS_EXPIRED, observe_batch, step_kind, watch,
+)
 from shard_worker.engine import StageEngine
 
 log = logging.getLogger(__name__)
@@ -151,8 +153,13 @@ class SessionService:
             if position == 0 and self._batching:
                 return await self._prefill(x, cache, deadline)
             stage = self._stage
+
+            def job() -> torch.Tensor:
+                observe_batch(step_kind(tokens), 1)  # a step alone
+                return stage.step(x, session_cache=cache, position=position)
+
             result = await self._engine.run(
-                lambda: stage.step(x, session_cache=cache, position=position),
+                job,
                 deadline,
                 decode=position > 0,  # an open session's step: the reserved lane; an open is new work
                 work=(1, tokens),
@@ -200,6 +207,7 @@ class SessionService:
                     for i in range(first, len(lengths)):
                         offset = starts[i] - position
                         decode = lengths[i] == 1 and batching  # as _decode_batched runs it (its thread count)
+                        observe_batch(step_kind(lengths[i]), 1)  # each replayed step runs alone
                         with intra_op_threads(DECODE_THREADS) if decode else contextlib.nullcontext():
                             out = stage.step(x[:, offset : offset + lengths[i]], session_cache=cache, position=starts[i])
                         done.append(out)
@@ -231,6 +239,7 @@ class SessionService:
             with self._queue_lock:
                 batch, self._queue = self._queue[:MAX_DECODE_BATCH], self._queue[MAX_DECODE_BATCH:]
                 self._drain_scheduled = bool(self._queue)
+            observe_batch("decode", len(batch))  # every session's step in one forward pass
             try:
                 with intra_op_threads(DECODE_THREADS):
                     return batch, stage.step_batch([(d.x, d.cache, d.position) for d in batch])
@@ -309,6 +318,7 @@ class SessionService:
             if hit <= 0:
                 plain.append(item)
                 continue
+            observe_batch("prefill", 1)  # the uncached suffix, alone
             try:
                 item.cache.restore(joined_kv(blocks, hit))
                 out = stage.step(item.x[:, hit:], session_cache=item.cache, position=hit)
@@ -322,6 +332,7 @@ class SessionService:
         lengths = [int(p.x.shape[1]) for p in plain]
         for group in prefill_groups(lengths, MAX_PREFILL_BATCH, self._engine.max_batch_tokens):
             items = [plain[i] for i in group]
+            observe_batch("prefill", len(items))
             try:
                 outputs = stage.prefill_batch([(p.x, p.cache) for p in items])
             except BaseException as exc:  # noqa: BLE001 - every prefill of the group gets it (caches rolled back)

@@ -1,0 +1,122 @@
+"""Observability of what the first metrics and logs missed, through a real mesh (a router and two tiny-llama
+workers on loopback, --metrics-listen on each, JSON logs): refusals counted in shardmesh_requests_total,
+generation steps and replays in the workers' batch-size histogram, request ids on the unary Forward's log lines."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from services.client import RouterClient, build_generate_request
+from services.gen.shardmesh.v1 import router_pb2_grpc
+from tests.integration.test_metrics import _free_port, scrape
+from tests.procs import Proc, retry_until, start_router, start_worker, wait_serving
+
+pytestmark = [pytest.mark.integration]
+
+MODEL = "tiny-llama"  # Infer and Generate (sessions), and small
+MAX_INFLIGHT = 2
+PROMPT = [1, 5, 77, 300, 12, 9]
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@dataclass
+class Mesh:
+    router: str
+    router_metrics: str
+    workers: dict[str, tuple[str, str]]  # worker id -> (gRPC address, metrics address)
+    procs: dict[str, Proc]
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[Mesh]:
+    procs: dict[str, Proc] = {}
+    workers: dict[str, tuple[str, str]] = {}
+    try:
+        for worker_id, layers in (("w0", "0:3"), ("w1", "3:6")):
+            metrics = f"127.0.0.1:{_free_port()}"
+            procs[worker_id], address = start_worker(
+                MODEL, layers, "--worker-id", worker_id, "--metrics-listen", metrics,
+                "--log-format", "json", "--log-level", "info", "--threads", "1",
+            )
+            workers[worker_id] = (address, metrics)
+        for address, _ in workers.values():
+            wait_serving(address)
+        router_metrics = f"127.0.0.1:{_free_port()}"
+        procs["router"], router = start_router(
+            [address for address, _ in workers.values()], "--mode", "direct", "--metrics-listen", router_metrics,
+            "--max-inflight", str(MAX_INFLIGHT),
+        )
+        wait_serving(router)
+        yield Mesh(router, router_metrics, workers, procs)
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+
+def get(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of ``name`` over samples whose labels include ``labels``; 0 when there is none yet."""
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return get(after, name, **labels) - get(before, name, **labels)
+
+
+def _idle(mesh: Mesh) -> None:
+    """No generation session is open on any worker (earlier tests' sessions are closed)."""
+    for worker_id, (_, metrics) in mesh.workers.items():
+        assert get(scrape(metrics), "shardmesh_sessions") == 0, worker_id
+
+
+# ---------------------------------------------------------------- generation steps in the batch-size histogram
+
+
+def test_generation_steps_show_in_the_worker_batch_size(mesh: Mesh) -> None:
+    """A lone generation: each worker ran its prompt as one prefill pass of 1 and each later token as one
+    decode pass of 1 (the session was alone), and no stateless forward; the token count comes from the router."""
+    with RouterClient(mesh.router) as client:
+        retry_until(lambda: client.infer(tokens=[5, 6, 7], timeout_s=60))  # the route is complete
+        retry_until(lambda: _idle(mesh), timeout_s=30)
+        before = {w: scrape(m) for w, (_, m) in mesh.workers.items()}
+        result = client.generate(tokens=PROMPT, max_new_tokens=12)
+    steps = len(result.token_ids)
+    assert steps >= 2, result
+    for worker_id, (_, metrics) in mesh.workers.items():
+        after = scrape(metrics)
+        d = lambda name, **labels: delta(before[worker_id], after, name, **labels)  # noqa: E731
+        assert d("shardmesh_worker_batch_size_count", kind="prefill") == 1, worker_id
+        assert d("shardmesh_worker_batch_size_sum", kind="prefill") == 1, worker_id
+        assert d("shardmesh_worker_batch_size_count", kind="decode") == steps - 1, worker_id
+        assert d("shardmesh_worker_batch_size_sum", kind="decode") == steps - 1, worker_id
+        assert d("shardmesh_worker_batch_size_count", kind="stateless") == 0, worker_id
+
+
+def test_concurrent_sessions_decode_in_shared_passes(mesh: Mesh) -> None:
+    """Two sessions at once (--max-inflight 2): every decode step is in the histogram's sum exactly once
+    (sum = steps), and the passes are no more than the steps (steps that met in the queue shared a pass)."""
+    sessions = MAX_INFLIGHT
+
+    async def run() -> list[int]:
+        async with grpc.aio.insecure_channel(mesh.router) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+
+            async def one(i: int) -> int:
+                request = build_generate_request(tokens=[*PROMPT, i], max_new_tokens=10)
+                return sum([event.HasField("token") async for event in stub.Generate(request, timeout=120)])
+
+            return list(await asyncio.gather(*(one(i) for i in range(sessions))))
+
+    retry_until(lambda: _idle(mesh), timeout_s=30)
+    before = {w: scrape(m) for w, (_, m) in mesh.workers.items()}
+    decode_steps = sum(asyncio.run(run())) - sessions  # each session's first token came from its prefill
+    for worker_id, (_, metrics) in mesh.workers.items():
+        after = scrape(metrics)
+        d = lambda name, **labels: delta(before[worker_id], after, name, **labels)  # noqa: E731
+        assert d("shardmesh_worker_batch_size_sum", kind="decode") == decode_steps, worker_id
+        assert 0 < d("shardmesh_worker_batch_size_count", kind="decode") <= decode_steps, worker_id
+        assert d("shardmesh_worker_batch_size_sum", kind="prefill") == sessions, worker_id
