@@ -9,6 +9,7 @@ import grpc
 
 from services.errors import Unavailable, grpc_errors, status_of
 from services.gen.shardmesh.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
+from services.logging_json import request_scope
 from services.transport.chunked import MessageAssembler, split_message
 from services.transport.stream_server import StreamHandlers, serve_multiplexed
 from services.transport.raw import add_parsing_servicer, parser
@@ -50,10 +51,15 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             raise Unavailable("worker is still loading its weights; wait until its health is SERVING")
         return self._loaded
 
-    @grpc_errors
     async def Forward(self, request: worker_pb2.ForwardRequest, context: grpc.aio.ServicerContext) -> worker_pb2.ForwardResponse:
         """Unary form. A relay failure further down comes back as ``response.error`` with the undelivered
-        activation (as on streams), so a caller can resume from the failed hop."""
+        activation (as on streams), so a caller can resume from the failed hop. Every line logged while it runs
+        (its relay, session replays, the error it ends with) carries its request id and trace id, as on streams."""
+        with request_scope(request.request_id, request.traceparent):
+            return await self._forward_unary(request, context)
+
+    @grpc_errors
+    async def _forward_unary(self, request: worker_pb2.ForwardRequest, context: grpc.aio.ServicerContext) -> worker_pb2.ForwardResponse:
         return await self._core.forward(request, self._core.deadline_for(request, context.time_remaining()))
 
     async def ForwardStream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
@@ -89,8 +95,13 @@ class ShardWorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     async def Describe(self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext) -> worker_pb2.DescribeResponse:
         return self._core.describe()
 
-    @grpc_errors
     async def CloseSession(self, request: worker_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext) -> worker_pb2.CloseSessionResponse:
+        """Its log lines carry the session id: the request id the router gives the session's Generate."""
+        with request_scope(request.session_id):
+            return await self._close_session(request, context)
+
+    @grpc_errors
+    async def _close_session(self, request: worker_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext) -> worker_pb2.CloseSessionResponse:
         sessions = self._core.sessions
         existed = sessions.close(request.session_id, request.session_key) if sessions else False
         return worker_pb2.CloseSessionResponse(existed=existed)

@@ -5,14 +5,17 @@ generation steps and replays in the workers' batch-size histogram, request ids o
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
 import pytest
+import torch
 
 from services.client import RouterClient, build_generate_request
-from services.gen.shardmesh.v1 import router_pb2_grpc
+from services.gen.shardmesh.v1 import router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.wire import codec
 from tests.integration.test_metrics import _free_port, scrape
 from tests.procs import Proc, retry_until, start_router, start_worker, wait_serving
 
@@ -21,6 +24,7 @@ pytestmark = [pytest.mark.integration]
 MODEL = "tiny-llama"  # Infer and Generate (sessions), and small
 MAX_INFLIGHT = 2
 PROMPT = [1, 5, 77, 300, 12, 9]
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -120,3 +124,40 @@ def test_concurrent_sessions_decode_in_shared_passes(mesh: Mesh) -> None:
         assert d("shardmesh_worker_batch_size_sum", kind="decode") == decode_steps, worker_id
         assert 0 < d("shardmesh_worker_batch_size_count", kind="decode") <= decode_steps, worker_id
         assert d("shardmesh_worker_batch_size_sum", kind="prefill") == sessions, worker_id
+
+
+# ---------------------------------------------------------------- a unary replay: batch sizes and tagged logs
+
+
+def test_unary_replay_is_counted_per_step_and_its_log_lines_carry_the_request_id(mesh: Mesh) -> None:
+    """A replay sent to w0 as one unary Forward runs its 3 steps alone (prefill + 2 decode passes of 1), and
+    its log line ("replayed 3 steps") carries the request's id and the trace id of its traceparent."""
+    address, metrics = mesh.workers["w0"]
+    request_id = "obs-replay@0"
+    steps = [[1, 5, 77, 300], [12], [9]]
+    request = worker_pb2.ForwardRequest(
+        request_id=request_id, session_id="obs-replay", position=0, session_ttl_s=60,
+        input=codec.encode(torch.tensor([[t for s in steps for t in s]])),
+        traceparent=f"00-{TRACE_ID}-00f067aa0ba902b7-01",
+    )
+    request.replay_step_lengths.extend(len(s) for s in steps)
+    before = scrape(metrics)
+    with grpc.insecure_channel(address) as channel:
+        stub = worker_pb2_grpc.ShardWorkerStub(channel)
+        reply = stub.Forward(request, timeout=60)
+        assert codec.decode(reply.output).shape[1] == 4 + 1 + 1  # every step's hidden states (a first stage)
+        assert stub.CloseSession(worker_pb2.CloseSessionRequest(session_id="obs-replay"), timeout=10).existed
+    after = scrape(metrics)
+    assert delta(before, after, "shardmesh_worker_batch_size_count", kind="prefill") == 1
+    assert delta(before, after, "shardmesh_worker_batch_size_count", kind="decode") == 2
+    assert delta(before, after, "shardmesh_worker_batch_size_sum", kind="decode") == 2
+
+    def replay_lines() -> list[dict[str, object]]:
+        lines = [json.loads(line) for line in list(mesh.procs["w0"].stderr) if line.strip()]
+        found = [e for e in lines if "replayed 3 steps" in str(e["msg"])]
+        assert found, "the worker logged no replay line"
+        return found
+
+    for entry in retry_until(replay_lines, timeout_s=10):
+        assert entry.get("request_id") == request_id, entry
+        assert entry.get("trace_id") == TRACE_ID, entry
