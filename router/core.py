@@ -124,7 +124,8 @@ class RouterCore:
     async def _admit_infer(
         self, request: router_pb2.InferRequest, time_remaining: float | None, caller: CallerInfo | None = None
     ) -> router_pb2.InferResponse:
-        if self.inflight >= self.max_inflight:
+        if self.inflight >= self.max_inflight:  # counted here: a dashboard sees refusals (not in the latency)
+            REQUESTS.labels(component="router", rpc="Infer", code="RESOURCE_EXHAUSTED").inc()
             raise ResourceExhausted(
                 f"router has {self.inflight} requests in flight (limit --max-inflight {self.max_inflight}); retry later"
             )
@@ -135,7 +136,7 @@ class RouterCore:
             with request_scope(request.request_id), self._claim("infer", request.request_id):  # tags its log lines
                 return await self._infer(request, time_remaining, caller)
         except BaseException as exc:
-            code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else status_of(exc)[0].name
+            code = _code_name(exc)
             raise
         finally:
             self.inflight -= 1
@@ -203,6 +204,22 @@ class RouterCore:
         events = self._generate(request, time_remaining, caller)
         return events if not tracing.enabled() else self._traced_generate(events, request, traceparent)
 
+    async def _generate(
+        self, request: router_pb2.GenerateRequest, time_remaining: float | None, caller: CallerInfo | None = None
+    ) -> AsyncGenerator[router_pb2.GenerateEvent, None]:
+        """:meth:`_generate_events`, counted once in shardmesh_requests_total{rpc="Generate"} with how it ended,
+        refusals (bad prompt, --max-inflight, queue full) included."""
+        code = "OK"
+        try:
+            async with contextlib.aclosing(self._generate_events(request, time_remaining, caller)) as events:
+                async for event in events:
+                    yield event
+        except BaseException as exc:
+            code = _code_name(exc)
+            raise
+        finally:
+            REQUESTS.labels(component="router", rpc="Generate", code=code).inc()
+
     async def _traced_generate(
         self, events: AsyncGenerator[router_pb2.GenerateEvent, None], request: router_pb2.GenerateRequest, traceparent: str
     ) -> AsyncIterator[router_pb2.GenerateEvent]:
@@ -214,7 +231,7 @@ class RouterCore:
                 async for event in events:
                     yield event
 
-    async def _generate(
+    async def _generate_events(
         self, request: router_pb2.GenerateRequest, time_remaining: float | None, caller: CallerInfo | None = None
     ) -> AsyncGenerator[router_pb2.GenerateEvent, None]:
         """The Generate itself: checks, admission, the scheduler's slot, then router/generation.py's events."""
@@ -306,6 +323,11 @@ class RouterCore:
 
 
 _TRUSTED_BYTES = 1 << 40  # inputs reaching the cache probe were already size-checked by router/inputs.py
+
+
+def _code_name(exc: BaseException) -> str:
+    """The status name a request that raised ``exc`` is counted with (a caller that went away: CANCELLED)."""
+    return "CANCELLED" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else status_of(exc)[0].name
 
 
 def _cached_response(request_id: str, mode: int, output: bytes, started: float) -> router_pb2.InferResponse:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from services.client import RouterClient, build_generate_request
-from services.gen.shardmesh.v1 import router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.gen.shardmesh.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.wire import codec
 from tests.integration.test_metrics import _free_port, scrape
 from tests.procs import Proc, retry_until, start_router, start_worker, wait_serving
@@ -161,3 +161,116 @@ def test_unary_replay_is_counted_per_step_and_its_log_lines_carry_the_request_id
     for entry in retry_until(replay_lines, timeout_s=10):
         assert entry.get("request_id") == request_id, entry
         assert entry.get("trace_id") == TRACE_ID, entry
+
+
+# ---------------------------------------------------------------- refusals in shardmesh_requests_total
+
+
+def _requests(samples: Samples, rpc: str, code: str | None = None) -> float:
+    labels = {"component": "router", "rpc": rpc} | ({"code": code} if code else {})
+    return get(samples, "shardmesh_requests_total", **labels)
+
+
+async def _hold(stub: router_pb2_grpc.RouterStub, i: int, started: asyncio.Event) -> None:
+    """A long generation that holds one --max-inflight slot until cancelled."""
+    call = stub.Generate(build_generate_request(tokens=[*PROMPT, 40 + i], max_new_tokens=900), timeout=300)
+    try:
+        async for event in call:
+            if event.HasField("token"):
+                started.set()
+            else:  # it finished: it no longer holds its slot, and the refusals below would not be certain
+                raise AssertionError(f"holder {i} ended before it was cancelled: {event.summary.finish_reason}")
+    finally:
+        call.cancel()  # the router sees the client go away
+
+
+async def _code(call: object) -> grpc.StatusCode:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def _generate_code(
+    stub: router_pb2_grpc.RouterStub, request: router_pb2.GenerateRequest, after_s: float = 0.0
+) -> grpc.StatusCode:
+    await asyncio.sleep(after_s)
+    try:
+        async for _ in stub.Generate(request, timeout=120):
+            pass
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def _router_saw_cancel(router_metrics: str, before: Samples) -> None:
+    """Waits until the router ended the cancelled holder (counted it), then a little more: the gRPC server's
+    stream admission (services/transport/admission.py, --max-inflight streams, refusals not counted there)
+    releases its stream right after, and the next Generate must reach the router's own admission."""
+    for _ in range(200):
+        now = await asyncio.to_thread(scrape, router_metrics)
+        if _requests(now, "Generate", "CANCELLED") > _requests(before, "Generate", "CANCELLED"):
+            await asyncio.sleep(0.2)
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the router never counted the cancelled Generate")
+
+
+def test_refusals_are_counted_once_per_request(mesh: Mesh) -> None:
+    """Two generations hold both --max-inflight slots: Infers beyond them are RESOURCE_EXHAUSTED and counted
+    with that code; then a flood of concurrent Infers and a Generate beside one holder (whatever the timing,
+    the counts equal what the clients saw); bad input is counted as INVALID_ARGUMENT; the cancelled holders as
+    CANCELLED. Every request is counted exactly once."""
+    infer = router_pb2.InferRequest(tokens=router_pb2.TokenIds(ids=[5, 6, 7]))
+    big = router_pb2.InferRequest(tensor=codec.encode(torch.randint(0, 512, (8, 256), generator=torch.Generator().manual_seed(1))))
+
+    async def run() -> dict[str, list[grpc.StatusCode]]:
+        seen: dict[str, list[grpc.StatusCode]] = {"Infer": [], "Generate": []}
+        # The big Infer's logits are over gRPC's default 4 MiB: a client refusing them would see RESOURCE_EXHAUSTED too.
+        async with grpc.aio.insecure_channel(mesh.router, options=[("grpc.max_receive_message_length", -1)]) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            # 1. Both slots held: every Infer is refused by the router's --max-inflight.
+            started = [asyncio.Event() for _ in range(MAX_INFLIGHT)]
+            holders = [asyncio.create_task(_hold(stub, i, started[i])) for i in range(MAX_INFLIGHT)]
+            await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 120)
+            refused = await asyncio.gather(*(_code(stub.Infer(infer, timeout=60)) for _ in range(3)))
+            assert refused == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3, refused
+            seen["Infer"] += refused
+            # 2. One holder left: a flood of slow Infers and a Generate race for the other slot.
+            holders[1].cancel()
+            await asyncio.gather(holders[1], return_exceptions=True)
+            seen["Generate"].append(grpc.StatusCode.CANCELLED)
+            await _router_saw_cancel(mesh.router_metrics, before)
+            flood = [_code(stub.Infer(big, timeout=120)) for _ in range(6)]
+            late = _generate_code(stub, build_generate_request(tokens=PROMPT, max_new_tokens=4), after_s=0.05)
+            *codes, generate_code = await asyncio.gather(*flood, late)
+            seen["Infer"] += codes
+            seen["Generate"].append(generate_code)
+            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes  # 6 at once, 1 slot
+            holders[0].cancel()
+            await asyncio.gather(holders[0], return_exceptions=True)
+            seen["Generate"].append(grpc.StatusCode.CANCELLED)
+            # 3. Bad input, refused before any work.
+            seen["Infer"].append(await _code(stub.Infer(router_pb2.InferRequest(tokens=infer.tokens, mode=99), timeout=30)))
+            seen["Generate"].append(await _generate_code(stub, router_pb2.GenerateRequest(text="   ", max_new_tokens=4)))
+            assert seen["Infer"][-1] == seen["Generate"][-1] == grpc.StatusCode.INVALID_ARGUMENT
+        return seen
+
+    with RouterClient(mesh.router) as client:
+        retry_until(lambda: client.infer(tokens=[5, 6, 7], timeout_s=60))
+    before = scrape(mesh.router_metrics)
+    seen = asyncio.run(run())
+
+    def counted() -> Samples:
+        after = scrape(mesh.router_metrics)
+        for rpc, codes in seen.items():
+            assert _requests(after, rpc) - _requests(before, rpc) == len(codes), (rpc, codes)  # once each
+            for code in set(codes):
+                expected = codes.count(code)
+                assert _requests(after, rpc, code.name) - _requests(before, rpc, code.name) == expected, (rpc, code)
+        return after
+
+    retry_until(counted, timeout_s=15)  # a cancelled Generate is counted when the router sees the cancel
+    retry_until(lambda: _idle(mesh), timeout_s=30)
