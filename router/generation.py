@@ -10,8 +10,14 @@ the old one) and replays the same steps from position 0, which rebuilds every ca
 shapes they first had, so a failover costs one round trip per stage, not one per token so far. The
 sampler's state is never replayed, so seeded sampling yields the same tokens as a run without the failure.
 
+In direct mode the router also logs what it sent each stage (the previous stage's outputs, within
+STAGE_INPUT_BUDGET_BYTES per session), so when the other stages' workers are still routable only the
+failed stage moves: a new replica of it gets those inputs in one replay request (same session id and key)
+and the step continues from there; the healthy stages keep their caches and do no work
+(router/planning/session_repair.py decides). Otherwise, and always in relay mode, every stage replays.
+
 A worker that lost the session (restarted at the same address: NOT_FOUND) or refuses a step's
-position gets the same replay, without being counted as failed. Every failover or replay takes a
+position gets the same replay (or its stage moves to another replica), without being counted as failed. Every failover or replay takes a
 retry from the router's budget. Worker-side session ids carry the router's nonce and a per-request
 number (never the bare client id), and each session has a random key that every step and the final
 CloseSession carry, so only this router can step or close it.
@@ -42,6 +48,7 @@ from router.peers import WorkerPool
 from router.pipeline import Pipeline, unpack_trusted
 from router.planning.hop_errors import is_lost_session, may_fail_over
 from router.planning.route_wait import RouteWait
+from router.planning.session_repair import stage_candidates
 from router.planning.types import RoutePlan, WorkerInfo
 from router.topology import Topology
 
@@ -50,6 +57,10 @@ log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 2.0
 SESSION_KEY_BYTES = 16
 DEFAULT_MAX_NEW_TOKENS = 32
+# Per direct-mode session: the stage inputs kept so that a failed stage can be replayed alone (SmolLM2:
+# 2.3 KiB per token per stage boundary, so about 3600 tokens with three stages); past it a failover
+# replays every stage, as relay mode always does.
+STAGE_INPUT_BUDGET_BYTES = 16 << 20
 StepGate = Callable[[int], contextlib.AbstractAsyncContextManager[None]]
 
 
@@ -88,6 +99,13 @@ class _Session:
     failovers: int = 0
     failed: set[str] = field(default_factory=set)
     wait: RouteWait | None = None  # --route-wait-s: how long planning may still wait for coverage
+    # Direct mode: the current step has run through stages [0, pending); ``carry`` is the next stage's input.
+    pending: int = 0
+    carry: torch.Tensor | None = None
+    # Direct mode: every input stage i >= 1 was sent, one tensor per step (inputs[0] stays empty: stage 0's
+    # are the token ids in ``steps``), so one failed stage can be replayed alone; None once over the budget.
+    inputs: list[list[torch.Tensor]] | None = None
+    input_bytes: int = 0
 
     @property
     def session_id(self) -> str:
@@ -97,6 +115,30 @@ class _Session:
         """A fresh session (new id and key) for a replay; the old one is closed separately."""
         self.epoch += 1
         self.secret = _new_key()
+
+    def begin_step(self, ids: list[int]) -> None:
+        self.steps.append(ids)
+        self.pending = 0
+        self.carry = torch.tensor([ids], dtype=torch.int64)
+
+    def keep_inputs(self, stage: int, parts: Sequence[torch.Tensor], *, replace: bool = False) -> None:
+        """Logs what ``stage`` was sent (one tensor per step), within STAGE_INPUT_BUDGET_BYTES per session."""
+        if self.inputs is None or stage == 0:
+            return
+        if replace:
+            self.input_bytes -= sum(_nbytes(t) for t in self.inputs[stage])
+            self.inputs[stage] = []
+        self.inputs[stage].extend(parts)
+        self.input_bytes += sum(_nbytes(t) for t in parts)
+        if self.input_bytes > STAGE_INPUT_BUDGET_BYTES:
+            self.inputs, self.input_bytes = None, 0  # too long to keep: a failure then replays every stage
+
+    def all_ids(self) -> torch.Tensor:
+        return torch.tensor([[token for step in self.steps for token in step]], dtype=torch.int64)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class GenerationService:
@@ -146,6 +188,7 @@ class GenerationService:
         )
         session = _Session(request_id, self._pipeline.worker_key(request_id), relay, plan.checksum, [], wait=wait)
         session.route = await self._pick_route(session)
+        session.inputs = None if relay else [[] for _ in session.route]
         generator = sampling_generator(params)
         started = time.monotonic()
         ttft_ms = 0.0
@@ -196,23 +239,24 @@ class GenerationService:
             await asyncio.shield(self._close_later(session.route, session.session_id, session.secret))
 
     async def _step(self, session: _Session, ids: list[int], deadline: float) -> torch.Tensor:
-        """Runs one step through the session's route; on a hop failure or a lost session, replays."""
-        session.steps.append(ids)
+        """Runs one step through the session's route; on a hop failure or a lost session, replays (in direct
+        mode only the failed stage when the others can keep their workers, else every stage)."""
+        session.begin_step(ids)
         self._pipeline.record_request()
         attempts = 0
-        replay = False
+        replay: frozenset[int] = frozenset()  # stages new to the session: they get every step so far first
         while True:
             try:
-                if not replay:
-                    return await self._run(session, ids, session.position, deadline)
-                return await self._replay(session, deadline)
+                if session.relay:
+                    return await (self._replay_relay(session, deadline) if replay else self._run_relay(session, ids, deadline))
+                return await self._run_direct(session, deadline, replay)
             except ShardmeshError as exc:
                 lost = is_lost_session(exc)
                 if not (lost or may_fail_over(exc)):
                     raise
                 attempts += 1
-                failed = next((w for w in session.route if w.worker_id == exc.failed_worker_id), None)
-                failed = failed or session.route[0]
+                index = next((i for i, w in enumerate(session.route) if w.worker_id == exc.failed_worker_id), None)
+                failed = session.route[index] if index is not None else session.route[0]
                 if not lost:  # a worker that lost the session is healthy: replay there too
                     session.failed.add(failed.worker_id)
                     self._pipeline.record_hop_failure(failed, exc, request_deadline=deadline)
@@ -221,21 +265,30 @@ class GenerationService:
                 if not self._pipeline.try_retry():
                     exc.message = f"{exc.message}; not replayed: the router's retry budget is spent, retry later"
                     raise
-                old_route, old_id, old_secret = session.route, session.session_id, session.secret
-                try:
-                    session.route = await self._pick_route(session)
-                except Unavailable as no_route:
-                    # The hop's own error says what happened; the planner says why nothing else can serve.
-                    exc.message = f"{exc.message}; {no_route.message}"
-                    raise exc from None
-                session.next_epoch()
+                replacement = self._replacement(session, index)
+                if replacement is not None:  # only this stage replays; the others keep session and caches
+                    assert index is not None
+                    old_route, session.route = [failed], [*session.route]
+                    session.route[index] = replacement
+                    replay = frozenset({index})
+                    close_id, close_secret = session.session_id, session.secret
+                else:
+                    old_route, close_id, close_secret = session.route, session.session_id, session.secret
+                    try:
+                        session.route = await self._pick_route(session)
+                    except Unavailable as no_route:
+                        # The hop's own error says what happened; the planner says why nothing else can serve.
+                        exc.message = f"{exc.message}; {no_route.message}"
+                        raise exc from None
+                    session.next_epoch()
+                    session.pending = 0
+                    replay = frozenset(range(len(session.route)))
                 session.failovers += 1
-                replay = True
                 FAILOVERS.labels(reason="generate-" + ("LostSession" if lost else type(exc).__name__)).inc()
+                replayed = [session.route[i].worker_id for i in sorted(replay)]
                 log.warning(
                     "session %s: hop %s failed at position %d (%s); replaying %d steps on %s",
-                    session.request_id, failed.worker_id, session.position, exc, len(session.steps),
-                    [w.worker_id for w in session.route],
+                    session.request_id, failed.worker_id, session.position, exc, len(session.steps), replayed,
                 )
                 if tracing.enabled():  # on the step's span (router.step)
                     tracing.current().event("replay", {
@@ -243,48 +296,90 @@ class GenerationService:
                         "shardmesh.failed_worker_id": failed.worker_id, "shardmesh.error": str(exc),
                         "shardmesh.steps": len(session.steps), "shardmesh.position": session.position,
                         "shardmesh.route": [w.worker_id for w in session.route],
+                        "shardmesh.replayed": replayed,
                     })
                 # The old session may still live on workers that are alive (including the one that failed).
-                self._close_later(old_route, old_id, old_secret)
+                self._close_later(old_route, close_id, close_secret)
 
-    async def _replay(self, session: _Session, deadline: float) -> torch.Tensor:
-        """Rebuilds the new route's caches with the same steps at the same positions, all of them in one request
-        per stage (``replay_step_lengths``: each worker runs them one after another, as separate steps); returns
-        the last step's logits, as that step alone would have returned them."""
-        ids = [token for step in session.steps for token in step]
+    def _replacement(self, session: _Session, stage: int | None) -> WorkerInfo | None:
+        """A new worker for the failed ``stage`` alone (direct mode, its inputs logged, every other stage's
+        worker still one the planner would use); None when the whole route is re-planned and replayed."""
+        if session.relay or stage is None or stage != session.pending or (stage > 0 and session.inputs is None):
+            return None
+        try:
+            plan = self._topology.plan(excluded=self._pipeline.excluded(session.failed, time.monotonic()),
+                                       checksum=session.checksum)
+        except ShardmeshError:
+            return None  # _pick_route waits for coverage (--route-wait-s) and says why nothing can serve
+        candidates = stage_candidates(plan, session.route, stage)
+        return self._pipeline.choose(candidates) if candidates else None
+
+    async def _run_direct(self, session: _Session, deadline: float, replay: frozenset[int]) -> torch.Tensor:
+        """The current step through stages ``session.pending`` onwards (the earlier ones already ran it).
+
+        A stage in ``replay`` is new to the session: it first gets every earlier step, all in one request at
+        position 0 with the steps' lengths (its inputs: the token ids for stage 0, the inputs the router logged
+        for it, or the previous stage's whole output when that stage replayed too), and the steps it was sent
+        replace its log. Returns the last stage's output for the current step."""
         lengths = [len(step) for step in session.steps]
-        out = await self._run(session, ids, 0, deadline, advance=False, step_lengths=lengths)
-        session.position = len(ids)
+        whole: torch.Tensor | None = None  # every step's input of the current stage, when the last one replayed
+        while session.pending < len(session.route):
+            index = session.pending
+            if index in replay:
+                if index == 0:
+                    x = session.all_ids()
+                elif whole is not None:
+                    x = whole
+                elif session.inputs is not None and session.carry is not None:
+                    x = torch.cat([*session.inputs[index], session.carry], dim=1)
+                else:
+                    raise FailedPrecondition(
+                        f"stage {index} cannot be replayed: stage {index - 1}'s replay did not return one row per token"
+                        f" ({sum(lengths)}); is a worker on the route older than replay_step_lengths? upgrade it"
+                    )
+                if x.shape[1] != sum(lengths):
+                    raise FailedPrecondition(
+                        f"stage {index} cannot be replayed: its logged inputs have {x.shape[1]} rows for {sum(lengths)}"
+                        " tokens; a worker on the route returned a hidden state that is not one row per token"
+                    )
+                out = await self._send(session, [session.route[index]], x, 0, deadline, lengths)
+                session.keep_inputs(index, torch.split(x, lengths, dim=1), replace=True)
+                whole = out if index + 1 in replay and out.shape[1] == sum(lengths) else None
+                session.carry = last_step_output(out, lengths)
+            else:
+                assert session.carry is not None
+                out = await self._send(session, [session.route[index]], session.carry, session.position, deadline)
+                session.keep_inputs(index, [session.carry])
+                session.carry, whole = out, None
+            session.pending += 1
+        session.position += lengths[-1]
+        assert session.carry is not None
+        return session.carry
+
+    async def _replay_relay(self, session: _Session, deadline: float) -> torch.Tensor:
+        """Rebuilds the new route's caches with the same steps at the same positions, all of them in one request
+        (``replay_step_lengths``: each worker runs them one after another, as separate steps, and relays the
+        whole output); returns the last step's logits, as that step alone would have returned them."""
+        lengths = [len(step) for step in session.steps]
+        out = await self._send(session, session.route, session.all_ids(), 0, deadline, lengths)
+        session.position = sum(lengths)
         return last_step_output(out, lengths)
 
-    async def _run(
-        self,
-        session: _Session,
-        ids: list[int],
-        position: int,
-        deadline: float,
-        *,
-        advance: bool = True,
+    async def _run_relay(self, session: _Session, ids: list[int], deadline: float) -> torch.Tensor:
+        out = await self._send(session, session.route, torch.tensor([ids], dtype=torch.int64), session.position, deadline)
+        session.position += len(ids)
+        return out
+
+    async def _send(
+        self, session: _Session, workers: Sequence[WorkerInfo], x: torch.Tensor, position: int, deadline: float,
         step_lengths: Sequence[int] = (),
     ) -> torch.Tensor:
-        """One step (or, with ``step_lengths``, a replay's steps in one request) through every stage of the route."""
-        x = torch.tensor([ids], dtype=torch.int64)
-        call_id = f"{session.session_id}@{position}"
-        key = (session.session_id, position)
-        call = self._pipeline._call
-        if session.relay:
-            response, _ = await call(session.route, call_id, x, None, session.checksum, deadline, key, session.secret,
-                                     replay_step_lengths=step_lengths)
-            out = await unpack_trusted(response.output, "output")
-        else:
-            out = x
-            for worker in session.route:
-                response, _ = await call([worker], call_id, out, None, session.checksum, deadline, key, session.secret,
-                                         replay_step_lengths=step_lengths)
-                out = await unpack_trusted(response.output, "output")
-        if advance:
-            session.position = position + len(ids)
-        return out
+        """One request of the session: to one stage (direct) or along the relay chain ``workers``."""
+        response, _ = await self._pipeline._call(
+            workers, f"{session.session_id}@{position}", x, None, session.checksum, deadline,
+            (session.session_id, position), session.secret, replay_step_lengths=step_lengths,
+        )
+        return await unpack_trusted(response.output, "output")
 
     def _close_later(self, route: Sequence[WorkerInfo], session_id: str, secret: bytes) -> asyncio.Task[None]:
         """Closes the session on every worker of ``route`` in a task this service keeps until it ends."""

@@ -96,3 +96,35 @@ def test_a_worker_runs_a_replay_as_separate_steps_and_refuses_bad_lengths() -> N
             assert _forward(stub, "c", 0, [1, 2, 3], [2, 1]).shape[1] == 2
     finally:
         proc.stop()
+
+
+def test_direct_mode_replays_only_the_stage_that_lost_the_session() -> None:
+    """Stage 1 has two replicas and w1a loses every session at its 4th decode step: the router moves that stage
+    alone to w1b, which gets prompt + 4 tokens in one replay request fed from the hidden states the router logged;
+    w0 keeps its cache and replays nothing; the tokens equal one process's greedy run."""
+    started = {
+        "w0": start_worker("tiny-llama", "0:3", *WORKER_ARGS),
+        "w1a": start_fault_worker("lose-session:4", "tiny-llama", "3:6", *WORKER_ARGS),
+        "w1b": start_worker("tiny-llama", "3:6", *WORKER_ARGS),
+    }
+    router = None
+    try:
+        for _, address in started.values():
+            wait_serving(address)
+        router, router_address = start_router([a for _, a in started.values()], "--balancer", "round_robin")
+        wait_serving(router_address)
+        prompt = [1, 5, 77, 300, 12, 9]
+        expected = _reference("tiny-llama", prompt, 12)
+        with RouterClient(router_address) as client:
+            results = [client.generate(tokens=prompt, max_new_tokens=12, mode="direct") for _ in range(2)]
+        # Round robin puts one of the two generations on w1a, whose 4th step finds the session gone.
+        assert sorted(r.failovers for r in results) == [0, 1]
+        assert all(list(r.token_ids) == expected for r in results)
+        assert _replays(started["w0"][0]) == [], started["w0"][0].stderr[-20:]
+        assert _replays(started["w1a"][0]) == []
+        assert _replays(started["w1b"][0]) == [(5, len(prompt) + 4)], started["w1b"][0].stderr[-20:]
+    finally:
+        if router is not None:
+            router.stop()
+        for proc, _ in started.values():
+            proc.stop()

@@ -50,6 +50,8 @@ class FakeMesh:
         if failure is not None:
             failure.failed_worker_id = chosen[0].worker_id  # type: ignore[attr-defined]
             raise failure
+        if chosen[-1].span.end < chosen[-1].total_layers:  # a hidden state: one row per token, as a real stage
+            return worker_pb2.ForwardResponse(output=codec.encode(x.to(torch.float32))), 1.0
         starts = [session[1]]  # a replay's steps: one row per step, as the worker concatenates them
         for n in list(replay_step_lengths)[:-1]:
             starts.append(starts[-1] + n)

@@ -40,8 +40,8 @@ async def test_a_replay_sends_every_step_in_one_call_per_stage() -> None:
     replays = [(w, p, n, x) for w, p, n, x in mesh.sent if n]
     assert [(w, p, n) for w, p, n, _ in replays] == [("w0", 0, [3, 1, 1]), ("w1", 0, [3, 1, 1])]
     assert replays[0][3].tolist() == [[1, 2, 3, 0, 3]]  # the step log, concatenated along the sequence
-    # Stage 1 gets stage 0's whole output (one row per step from this fake), not only the last step's.
-    assert replays[1][3].shape[1] == 3
+    # Stage 1 gets stage 0's whole output (one hidden row per token), not only the last step's.
+    assert replays[1][3].tolist() == [[1.0, 2.0, 3.0, 0.0, 3.0]]
     # No step of the new session was sent on its own before the replay: after it, decoding resumes at 5.
     new_positions = [(w, p) for w, _, p, _ in mesh.calls[6:]]
     assert new_positions[:4] == [("w0", 0), ("w1", 0), ("w0", 5), ("w1", 5)]
