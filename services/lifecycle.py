@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from services.errors import ConfigError
 from services.reflection import V1_METHOD as REFLECTION_V1_METHOD
 from services.reflection import enable_reflection
+from services.telemetry import REQUESTS
 from services.transport.admission import INTROSPECTION, AdmissionInterceptor
 from services.transport.raw import add_parsing_servicer
 from services.net import TlsFiles, join_host_port, server_options, split_host_port
@@ -81,7 +82,8 @@ class ServerLifecycle:
         if max_concurrent_rpcs is not None:
             interceptors = (
                 *interceptors,
-                AdmissionInterceptor(max_concurrent_rpcs, max_streams, exempt=(*INTROSPECTION, REFLECTION_V1_METHOD)),
+                AdmissionInterceptor(max_concurrent_rpcs, max_streams, exempt=(*INTROSPECTION, REFLECTION_V1_METHOD),
+                                     on_refused=self._count_refusal),
             )
             outer_cap = max_concurrent_rpcs + max_streams + PROBE_HEADROOM
         self.server = grpc.aio.server(
@@ -95,6 +97,10 @@ class ServerLifecycle:
         self._health_server: grpc.aio.Server | None = None
         add_parsing_servicer(health_pb2_grpc.add_HealthServicer_to_server, self.health, self.server)
         enable_reflection((*self._service_names, health.SERVICE_NAME), self.server)  # v1 and v1alpha
+
+    def _count_refusal(self, method: str) -> None:
+        """A call refused before any handler ran is still a request in shardmesh_requests_total."""
+        REQUESTS.labels(component=self.component, rpc=method.rsplit("/", 1)[-1], code="RESOURCE_EXHAUSTED").inc()
 
     async def start(self, listen: str, advertise: str | None = None) -> str:
         """Binds and starts serving health (NOT_SERVING) and reflection; returns the address to advertise."""

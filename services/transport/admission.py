@@ -54,13 +54,17 @@ def _counted(behavior: Callable[..., Any], count: _Count) -> Callable[..., Any]:
     return call
 
 
-def _refusing(handler: grpc.RpcMethodHandler, count: _Count, method: str) -> grpc.RpcMethodHandler:
+def _refusing(
+    handler: grpc.RpcMethodHandler, count: _Count, method: str, on_refused: Callable[[str], None] | None
+) -> grpc.RpcMethodHandler:
     message = (
         f"{method}: {count.active} {count.what} already open on this server (limit {count.limit}); retry later"
         " or on another replica"
     )
 
     async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
+        if on_refused is not None:
+            on_refused(method)
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
     return _rebuild(handler, refuse)
@@ -84,10 +88,15 @@ def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Awaitable[Any]]:
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     """See the module docstring; ``exempt`` are full method names such as ``/shardmesh.v1.ShardWorker/Describe``."""
 
-    def __init__(self, max_calls: int, max_streams: int, exempt: Iterable[str] = INTROSPECTION) -> None:
+    def __init__(
+        self, max_calls: int, max_streams: int, exempt: Iterable[str] = INTROSPECTION,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
+        """``on_refused(method)`` runs for every refused call (the request metric: the handler never sees it)."""
         self.calls = _Count(max_calls, "calls")
         self.streams = _Count(max_streams, "streams")
         self._exempt = frozenset(exempt)
+        self._on_refused = on_refused
 
     async def intercept_service(
         self,
@@ -100,5 +109,5 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             return handler
         count = self.streams if handler.request_streaming or handler.response_streaming else self.calls
         if count.active >= count.limit:
-            return _refusing(handler, count, method)
+            return _refusing(handler, count, method, self._on_refused)
         return _rebuild(handler, _counted(_behavior(handler), count))

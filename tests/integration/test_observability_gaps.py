@@ -206,8 +206,8 @@ async def _generate_code(
 
 async def _router_saw_cancel(router_metrics: str, before: Samples) -> None:
     """Waits until the router ended the cancelled holder (counted it), then a little more: the gRPC server's
-    stream admission (services/transport/admission.py, --max-inflight streams, refusals not counted there)
-    releases its stream right after, and the next Generate must reach the router's own admission."""
+    stream admission (services/transport/admission.py, --max-inflight streams) releases its stream right after,
+    so the next Generate races the flood in the router's own admission."""
     for _ in range(200):
         now = await asyncio.to_thread(scrape, router_metrics)
         if _requests(now, "Generate", "CANCELLED") > _requests(before, "Generate", "CANCELLED"):
@@ -237,6 +237,11 @@ def test_refusals_are_counted_once_per_request(mesh: Mesh) -> None:
             refused = await asyncio.gather(*(_code(stub.Infer(infer, timeout=60)) for _ in range(3)))
             assert refused == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3, refused
             seen["Infer"] += refused
+            # A third Generate finds both stream slots taken: the gRPC server's stream admission refuses it
+            # before any handler runs (services/transport/admission.py), and it is still counted.
+            third = await _generate_code(stub, build_generate_request(tokens=PROMPT, max_new_tokens=4))
+            assert third == grpc.StatusCode.RESOURCE_EXHAUSTED, third
+            seen["Generate"].append(third)
             # 2. One holder left: a flood of slow Infers and a Generate race for the other slot.
             holders[1].cancel()
             await asyncio.gather(holders[1], return_exceptions=True)
