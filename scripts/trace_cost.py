@@ -14,6 +14,7 @@ It then sends back-to-back Infer requests from one client, ``--seconds`` per set
 one markdown table: p50 per round and the median of the rounds' p50s, with the load average.
 
     python3 scripts/trace_cost.py --rounds 3 --seconds 8
+    python3 scripts/trace_cost.py --compare fast-exit   # the same for the workers' fast-exit allocator (#11)
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ SETTINGS: dict[str, dict[str, str]] = {
     "off": {"SHARDMESH_TRACE_SAMPLE_RATIO": "0"},
     "on-unsampled": {"SHARDMESH_TRACE_SAMPLE_RATIO": "1e-9", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"},
     "on-all": {"SHARDMESH_TRACE_SAMPLE_RATIO": "1", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"},
+}
+# --compare fast-exit: the workers' fast-exit allocator (services/memory.py: glibc malloc for Python objects, its
+# heap in huge pages, so a killed worker's sockets close in ~20 ms) against Python's own allocator.
+COMPARISONS: dict[str, dict[str, dict[str, str]]] = {
+    "tracing": SETTINGS,
+    "fast-exit": {"fast-exit": {"SHARDMESH_FAST_EXIT": "1"}, "pymalloc": {"SHARDMESH_FAST_EXIT": "0"}},
 }
 READY_TIMEOUT_S = 300.0
 
@@ -94,23 +101,26 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0, help="per setting per round")
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="tracing",
+                        help="the settings to compare (the first is the baseline)")
     args = parser.parse_args()
+    settings = COMPARISONS[args.compare]
 
     from services.client import RouterClient
 
     ids = [101] + [2023] * (args.tokens - 2) + [102]
     loads = [os.getloadavg()[0]]
-    p50s: dict[str, list[float]] = {name: [] for name in SETTINGS}
-    counts: dict[str, int] = dict.fromkeys(SETTINGS, 0)
+    p50s: dict[str, list[float]] = {name: [] for name in settings}
+    counts: dict[str, int] = dict.fromkeys(settings, 0)
     with tempfile.TemporaryDirectory(prefix="shardmesh-trace-cost-") as tmp, contextlib.ExitStack() as stack:
         clients = {}
-        for name, env in SETTINGS.items():
+        for name, env in settings.items():
             router = stack.enter_context(mesh(name, env, args, Path(tmp)))
             client = stack.enter_context(RouterClient(router))
             for _ in range(30):  # warm-up: connections, first-call paths, the tracing SDK's first spans
                 client.infer(tokens=ids)
             clients[name] = client
-        names = list(SETTINGS)
+        names = list(settings)
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[: r % len(names)]:  # rotate the order each round
                 p50, n = measure(clients[name], ids, args.seconds)
@@ -119,10 +129,10 @@ def main() -> int:
             loads.append(os.getloadavg()[0])
     print(f"{args.model} {args.mode} {args.stages}, {args.tokens} tokens, 1 client, {args.rounds} rounds x "
           f"{args.seconds:.0f} s per setting; load average (1 min) {min(loads):.2f} to {max(loads):.2f}")
-    print("| setting | requests | p50 per round (ms) | median of rounds (ms) | vs off |")
+    print("| setting | requests | p50 per round (ms) | median of rounds (ms) | vs " + names[0] + " |")
     print("|---|---|---|---|---|")
-    base = statistics.median(p50s["off"])
-    for name in SETTINGS:
+    base = statistics.median(p50s[names[0]])
+    for name in settings:
         med = statistics.median(p50s[name])
         rounds = ", ".join(f"{v:.2f}" for v in p50s[name])
         print(f"| {name} | {counts[name]} | {rounds} | {med:.2f} | {100 * (med / base - 1):+.1f}% |")
