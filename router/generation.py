@@ -248,7 +248,7 @@ class GenerationService:
         while True:
             try:
                 if session.relay:
-                    return await (self._replay_relay(session, deadline) if replay else self._run_relay(session, ids, deadline))
+                    return await (self._replay_relay(session, deadline) if replay else self._run_relay(session, deadline))
                 return await self._run_direct(session, deadline, replay)
             except ShardmeshError as exc:
                 lost = is_lost_session(exc)
@@ -365,9 +365,11 @@ class GenerationService:
         session.position = sum(lengths)
         return last_step_output(out, lengths)
 
-    async def _run_relay(self, session: _Session, ids: list[int], deadline: float) -> torch.Tensor:
-        out = await self._send(session, session.route, torch.tensor([ids], dtype=torch.int64), session.position, deadline)
-        session.position += len(ids)
+    async def _run_relay(self, session: _Session, deadline: float) -> torch.Tensor:
+        """The current step (``session.carry``: its token ids, from begin_step) along the relay chain."""
+        assert session.carry is not None
+        out = await self._send(session, session.route, session.carry, session.position, deadline)
+        session.position += int(session.carry.shape[1])
         return out
 
     async def _send(
