@@ -168,7 +168,7 @@ class RouterCore:
                 result = await self.pipeline.run(request_id, ids, mask, deadline, relay=mode == tensor_pb2.MODE_RELAY)
         response = router_pb2.InferResponse(
             request_id=request_id,
-            output=codec.encode(result.output),
+            output=result.output_wire if result.output_wire is not None else codec.encode(result.output),
             mode=mode,  # type: ignore[arg-type]
             total_ms=1000 * (time.monotonic() - started),
             attempts=result.attempts,

@@ -27,7 +27,7 @@ from services.telemetry import FAILOVERS, HEDGES, HOP_FAILURES, HOP_SECONDS
 from services.transport.release import release_response
 from services.transport.stream_client import downstream_budget
 from services.security.route_mac import sign_route
-from services.wire import placement, shm
+from services.wire import codec, placement, shm
 from router.peers import WorkerPool
 from router.scheduling.context import current_priority
 from router.planning.balancer import ReplicaStats
@@ -59,12 +59,20 @@ class PipelineSettings:
     route_wait_s: float = 0.0  # --route-wait-s: hold a request with no route this long for coverage (0 = fail at once)
 
 
+# What a stage gets as input: a decoded tensor, or an inline wire message handed on exactly as the previous
+# stage (or the client) sent it. Direct mode passes a stage's inline output to the next stage without decoding
+# and re-encoding it (the bytes a re-encode would give, two copies fewer per hop); the message stays the router's
+# copy of the stage input for failover and hedging.
+StageInput = torch.Tensor | tensor_pb2.Tensor
+
+
 @dataclass
 class PipelineResult:
     output: torch.Tensor
     hops: list[tensor_pb2.HopRecord] = field(default_factory=list)
     attempts: int = 1
     checksum: str = ""  # the weights that computed ``output`` (keys the router's result cache)
+    output_wire: tensor_pb2.Tensor | None = None  # ``output`` as the last stage sent it inline (None: it came by shm)
 
 
 class Pipeline:
@@ -189,8 +197,8 @@ class Pipeline:
         plan = await self.plan_waiting(lambda: self._topology.plan(excluded=self.excluded((), time.monotonic())), wait)
         key = self.worker_key(request_id)
         checksum, total = plan.checksum, plan.total_layers
-        stage_input = await unpack_trusted(ids, "input")  # already checked by router/inputs.py
-        result = PipelineResult(output=stage_input, checksum=checksum)
+        stage_input: StageInput = ids  # inline, already checked by router/inputs.py: handed on as it came
+        result = PipelineResult(output=torch.empty(0), checksum=checksum)
         layer = 0
         failed: set[str] = set()  # workers that failed this request: not tried again for it (unless they come back)
         failed_joins: dict[str, int] = {}  # Topology.joins of each failed worker when it failed
@@ -237,7 +245,7 @@ class Pipeline:
                 if partial is not None and partial.error.HasField("pending_input") and worker is not chosen[0]:
                     # Relay: stages before the failed hop completed; resume from the failed hop's input.
                     result.hops.extend(partial.hops)
-                    stage_input = await unpack_trusted(partial.error.pending_input, "pending_input")
+                    stage_input = await hand_on(partial.error.pending_input, "pending_input")
                     layer = worker.span.start
                 last_error = (exc, worker)
                 failed.add(worker.worker_id)
@@ -265,9 +273,12 @@ class Pipeline:
                 self.outliers.record_success(worker.worker_id, time.monotonic())
             response.hops[len(response.hops) - len(chosen)].hop_ms = hop_ms
             result.hops.extend(response.hops[len(response.hops) - len(chosen):])
-            stage_input = await unpack_trusted(response.output, "output")
+            stage_input = await hand_on(response.output, "output")
             layer = chosen[-1].span.end
-        result.output = stage_input
+        if isinstance(stage_input, torch.Tensor):
+            result.output = stage_input
+        else:
+            result.output, result.output_wire = await unpack_trusted(stage_input, "output"), stage_input
         return result
 
     def _hedge_delay(self, worker: WorkerInfo) -> float:
@@ -283,7 +294,7 @@ class Pipeline:
         primary: WorkerInfo,
         spare: list[WorkerInfo],
         call_id: str,
-        stage_input: torch.Tensor,
+        stage_input: StageInput,
         mask: tensor_pb2.Tensor | None,
         checksum: str,
         deadline: float,
@@ -338,7 +349,7 @@ class Pipeline:
         self,
         chosen: list[WorkerInfo],
         call_id: str,
-        stage_input: torch.Tensor,
+        stage_input: StageInput,
         mask: tensor_pb2.Tensor | None,
         checksum: str,
         deadline: float,
@@ -442,7 +453,11 @@ def _release_unread(task: asyncio.Task[tuple[worker_pb2.ForwardResponse, float]]
 _OFF_LOOP_BYTES = 1 << 20  # (de)serialising more than this runs in a thread, not on the event loop
 
 
-async def _pack(tensor: torch.Tensor, colocated: bool, request_id: str) -> tensor_pb2.Tensor:
+async def _pack(tensor: StageInput, colocated: bool, request_id: str) -> tensor_pb2.Tensor:
+    if isinstance(tensor, tensor_pb2.Tensor):
+        if not (colocated and len(tensor.data) >= placement.SHM_MIN_BYTES):
+            return tensor  # inline stays inline: sent as it came
+        tensor = await unpack_trusted(tensor, "input")  # large, to a co-located worker: by shared memory
     if tensor.numel() * tensor.element_size() >= _OFF_LOOP_BYTES:
         return await asyncio.to_thread(placement.pack, tensor, colocated=colocated, request_id=request_id)
     return placement.pack(tensor, colocated=colocated, request_id=request_id)
@@ -451,6 +466,15 @@ async def _pack(tensor: torch.Tensor, colocated: bool, request_id: str) -> tenso
 # Stage outputs come from workers the router planned with, and client input is size-checked in router/inputs.py,
 # so these decodes check consistency (dtype, shape, bytes) but apply no size limit of their own.
 _NO_SIZE_LIMIT = 1 << 40
+
+
+async def hand_on(msg: tensor_pb2.Tensor, field: str) -> StageInput:
+    """A stage's output as the next stage's input: an inline message is checked (dtype, shape, byte count)
+    and kept as it came; a shared-memory segment is read now (reading frees it)."""
+    if msg.shm_handle:
+        return await unpack_trusted(msg, field)
+    codec.check_inline(msg, field=field, max_bytes=_NO_SIZE_LIMIT)
+    return msg
 
 
 async def unpack_trusted(msg: tensor_pb2.Tensor, field: str) -> torch.Tensor:

@@ -135,6 +135,27 @@ def checked_nbytes(shape: list[int], itemsize: int, *, field: str, max_bytes: in
     return expected
 
 
+def check_inline(
+    msg: tensor_pb2.Tensor,
+    *,
+    field: str,
+    max_bytes: int,
+    expect_dtype: tuple[torch.dtype, ...] | None = None,
+    expect_rank: tuple[int, ...] | None = None,
+) -> tuple[torch.dtype, list[int], int]:
+    """Everything :func:`decode` checks, without building the tensor: for a message passed on as it came."""
+    if msg.shm_handle:
+        raise InvalidArgument(f"{field}: shared-memory handles are not accepted on this path")
+    dtype, shape, expected = check_header(
+        msg, field=field, max_bytes=max_bytes, expect_dtype=expect_dtype, expect_rank=expect_rank
+    )
+    if len(msg.data) != expected:
+        raise InvalidArgument(
+            f"{field}: data has {len(msg.data)} bytes but shape {shape} x {_NAME_BY_TORCH[dtype]} needs {expected}"
+        )
+    return dtype, shape, expected
+
+
 def decode(
     msg: tensor_pb2.Tensor,
     *,
@@ -148,15 +169,9 @@ def decode(
     Shared-memory handles are refused here: only :func:`services.wire.placement.unpack`, used on hops
     between co-located peers, reads them.
     """
-    if msg.shm_handle:
-        raise InvalidArgument(f"{field}: shared-memory handles are not accepted on this path")
-    dtype, shape, expected = check_header(
+    dtype, shape, expected = check_inline(
         msg, field=field, max_bytes=max_bytes, expect_dtype=expect_dtype, expect_rank=expect_rank
     )
-    if len(msg.data) != expected:
-        raise InvalidArgument(
-            f"{field}: data has {len(msg.data)} bytes but shape {shape} x {_NAME_BY_TORCH[dtype]} needs {expected}"
-        )
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
     with warnings.catch_warnings():
