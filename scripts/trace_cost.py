@@ -44,6 +44,8 @@ SETTINGS: dict[str, dict[str, str]] = {
 COMPARISONS: dict[str, dict[str, dict[str, str]]] = {
     "tracing": SETTINGS,
     "fast-exit": {"fast-exit": {"SHARDMESH_FAST_EXIT": "1"}, "pymalloc": {"SHARDMESH_FAST_EXIT": "0"}},
+    "shm-threshold": {"shm-1MiB": {"SHARDMESH_SHM_MIN_BYTES": str(1 << 20)},
+                      "shm-64KiB": {"SHARDMESH_SHM_MIN_BYTES": str(1 << 16)}},
 }
 READY_TIMEOUT_S = 300.0
 

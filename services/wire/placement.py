@@ -8,6 +8,8 @@ of the request naming the segment refuses anyone else's (see :mod:`services.wire
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from services.errors import InvalidArgument
@@ -15,7 +17,7 @@ from services.gen.shardmesh.v1 import tensor_pb2
 from services.wire import codec, shm
 
 # Below this, inline bytes are as fast and need no segment bookkeeping.
-SHM_MIN_BYTES = 1 << 20
+SHM_MIN_BYTES = int(os.environ.get("SHARDMESH_SHM_MIN_BYTES", 1 << 20))
 
 
 def pack(
