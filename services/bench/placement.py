@@ -1,6 +1,7 @@
 """``shardmesh bench placement``: the planned split against the even split on heterogeneous workers.
 
-Workers differ by ``--threads`` (default 2,1,1). The even mesh starts first; each worker's Describe reports
+Workers differ by a CPU quota where the host allows one (``services/bench/cpulimit.py``; default one thread
+each, the third limited to 0.3 cores), else by ``--threads`` (2,1,1). The even mesh starts first; each worker's Describe reports
 the speed its start-up calibration measured, and the planner (``services/placement``) uses those speeds and
 the per-layer costs measured on this host to choose the planned split. Both meshes then serve the same
 closed-loop load (direct mode, dynamic batching off so a hop's compute is one request's), and the suite
@@ -18,17 +19,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grpc
 import torch
 
+from services.bench import cpulimit
 from services.bench.workloads import CHILD_ENV
 from services.client import AsyncRouterClient
 from services.gen.shardmesh.v1 import worker_pb2, worker_pb2_grpc
@@ -41,7 +44,8 @@ from services.placement.planner import Plan, evaluate, even_spans, plan
 
 MODEL = "minilm"
 SHAPE = (1, 128)
-DEFAULT_THREADS = (2, 1, 1)
+DEFAULT_THREADS = (2, 1, 1)  # where no CPU quota can be set: on 2 busy cores this barely makes workers unequal
+QUOTA_THREADS, QUOTA_CPUS = (1, 1, 1), (0.0, 0.0, 0.3)  # the default where it can (0 = no limit)
 DEFAULT_REQUESTS, QUICK_REQUESTS = 80, 12
 CONCURRENCY = 6  # enough requests in flight to keep every stage of a 3-stage pipeline busy
 START_TIMEOUT_S = 300.0
@@ -118,22 +122,55 @@ def _stage_rows(predicted: Plan, measured: Mapping[str, float]) -> list[dict[str
     return rows
 
 
-async def _run(threads: tuple[int, ...], requests: int, say: Any) -> dict[str, Any]:
+@contextlib.contextmanager
+def _limited(cpus: tuple[float, ...], label: str, order: list[int]) -> Iterator[Any]:
+    """An ``on_spawn`` for LocalMesh putting worker ``{label}-w{i}`` (which is worker ``order[i]``) under its quota."""
+    limits = {i: cpulimit.CpuLimit(cpus[w], f"{label}-w{i}") for i, w in enumerate(order) if cpus[w] > 0}
+
+    def on_spawn(name: str, pid: int) -> None:
+        index = int(name.rsplit("-w", 1)[1])
+        if index in limits:
+            limits[index].add(pid)
+
+    try:
+        yield on_spawn
+    finally:
+        for limit in limits.values():
+            limit.close()
+
+
+async def _run_split(
+    split: Plan, label: str, threads: tuple[int, ...], cpus: tuple[float, ...], requests: int, ids: torch.Tensor
+) -> dict[str, Any]:
+    """Serves the closed-loop load on ``split`` (stage i on the worker its plan names, with that worker's
+    threads and CPU quota)."""
+    order = [int(s.worker[1:]) for s in split.stages]
+    with _limited(cpus, label, order) as on_spawn:
+        mesh = LocalMesh(_spec([s.span for s in split.stages], tuple(threads[i] for i in order), label), on_spawn=on_spawn)
+        try:
+            await mesh.start(START_TIMEOUT_S)
+            return await _load(mesh, requests, ids)
+        finally:
+            await mesh.stop()
+
+
+async def _run(threads: tuple[int, ...], cpus: tuple[float, ...], requests: int, say: Any) -> dict[str, Any]:
     costs: ModelCosts = await asyncio.to_thread(measure_model_costs, MODEL, shape=SHAPE, progress=say)
     n = len(threads)
     ids = torch.randint(1000, 20000, SHAPE, generator=torch.Generator().manual_seed(7))
     even = even_spans(costs.total_layers, n)
-    say(f"even mesh: {', '.join(map(str, even))} with threads {threads}")
-    mesh = LocalMesh(_spec(even, threads, "even"))
-    try:
-        await mesh.start(START_TIMEOUT_S)
-        speeds = await _describe_speeds(mesh)
-        say(f"workers' calibrated speeds: {', '.join(f'{s:.2f}' for s in speeds)}")
-        capacities = [WorkerCapacity(f"w{i}", s) for i, s in enumerate(speeds)]
-        even_pred = evaluate(costs, capacities, even)
-        even_run = await _load(mesh, requests, ids)
-    finally:
-        await mesh.stop()
+    say(f"even mesh: {', '.join(map(str, even))} with threads {threads}, CPU limits {cpus} (0 = none)")
+    with _limited(cpus, "even", list(range(n))) as on_spawn:
+        mesh = LocalMesh(_spec(even, threads, "even"), on_spawn=on_spawn)
+        try:
+            await mesh.start(START_TIMEOUT_S)
+            speeds = await _describe_speeds(mesh)
+            say(f"workers' calibrated speeds: {', '.join(f'{s:.2f}' for s in speeds)}")
+            capacities = [WorkerCapacity(f"w{i}", s) for i, s in enumerate(speeds)]
+            even_pred = evaluate(costs, capacities, even)
+            even_run = await _load(mesh, requests, ids)
+        finally:
+            await mesh.stop()
     # A start-up calibration is a 0.3 s snapshot; on a busy host the even run's own hops say better how fast
     # each worker is under this load: observed speed = its stage's compute at speed 1.0 / measured compute.
     observed = []
@@ -148,17 +185,19 @@ async def _run(threads: tuple[int, ...], requests: int, say: Any) -> dict[str, A
     order = [int(s.worker[1:]) for s in planned.stages]  # planned stage i runs on worker order[i]
     spans = [s.span for s in planned.stages]
     say(f"planned mesh: {', '.join(f'{s.span} on w{i} (threads {threads[i]})' for s, i in zip(planned.stages, order))}")
-    mesh = LocalMesh(_spec(spans, tuple(threads[i] for i in order), "planned"))
-    try:
-        await mesh.start(START_TIMEOUT_S)
-        planned_run = await _load(mesh, requests, ids)
-    finally:
-        await mesh.stop()
-    same = torch.equal(even_run.pop("output"), planned_run.pop("output"))
+    planned_run = await _run_split(planned, "planned", threads, cpus, requests, ids)
+    # The production path (`shardmesh plan`, `layers: auto`) plans from the start-up calibration: run that plan too.
+    if [(s.worker, s.span) for s in calibrated_plan.stages] != [(s.worker, s.span) for s in planned.stages]:
+        say(f"calibrated plan's mesh: {', '.join(f'{s.span} on {s.worker}' for s in calibrated_plan.stages)}")
+        calibrated_run = await _run_split(calibrated_plan, "calibrated", threads, cpus, requests, ids)
+    else:
+        calibrated_run = dict(planned_run)  # the same split: its measurement stands for both
+    same = all(torch.equal(even_run["output"], r.pop("output")) for r in (planned_run, calibrated_run) if "output" in r)
+    even_run.pop("output")
     rows = _stage_rows(planned, planned_run["stage_compute_ms"])  # predicted from speeds measured before this run
     errors = [abs(r["error"]) for r in rows if r["error"] is not None]
     return {
-        "model": MODEL, "shape": list(SHAPE), "threads": list(threads), "speeds": speeds, "observed_speeds": observed,
+        "model": MODEL, "shape": list(SHAPE), "threads": list(threads), "cpu_limits": list(cpus), "speeds": speeds, "observed_speeds": observed,
         "calibrated_plan": [str(s.span) for s in calibrated_plan.stages], "requests": requests,
         "even_stages_calibrated": _stage_rows(even_pred, even_run["stage_compute_ms"]),
         "concurrency": CONCURRENCY, "load_average": os.getloadavg(), "cpu_count": os.cpu_count(),
@@ -167,6 +206,9 @@ async def _run(threads: tuple[int, ...], requests: int, say: Any) -> dict[str, A
         "planned": {"spans": [str(s) for s in spans], "workers": [f"w{i}" for i in order],
                     "predicted_rps": 1 / max(planned.bottleneck_s, 1e-9), **planned_run},
         "throughput_ratio": planned_run["throughput_rps"] / max(even_run["throughput_rps"], 1e-9),
+        "calibrated": {"spans": [str(s.span) for s in calibrated_plan.stages],
+                       "workers": [s.worker for s in calibrated_plan.stages], **calibrated_run},
+        "calibrated_throughput_ratio": calibrated_run["throughput_rps"] / max(even_run["throughput_rps"], 1e-9),
         "predicted_ratio": even_observed.bottleneck_s / max(planned.bottleneck_s, 1e-9),
         "stages": rows, "max_stage_error": max(errors) if errors else None,
         "median_stage_error": statistics.median(errors) if errors else None,
@@ -176,6 +218,7 @@ async def _run(threads: tuple[int, ...], requests: int, say: Any) -> dict[str, A
 
 def _print(result: dict[str, Any]) -> None:
     print(f"placement bench: {result['model']} {result['shape'][0]}x{result['shape'][1]}, threads {result['threads']}, "
+          f"CPU limits {result['cpu_limits']} (cores, 0 = none), "
           f"calibrated speeds {[round(s, 2) for s in result['speeds']]} (plan {result['calibrated_plan']}), "
           f"observed {[round(s, 2) for s in result['observed_speeds']]}, load average {[round(v, 2) for v in result['load_average']]} "
           f"on {result['cpu_count']} cores")
@@ -185,6 +228,10 @@ def _print(result: dict[str, Any]) -> None:
               f"(predicted {r['predicted_rps']:6.2f}), {r['failed']} failed")
     print(f"  planned / even throughput: measured {result['throughput_ratio']:.2f}x (target >= 1.20x), "
           f"predicted {result['predicted_ratio']:.2f}x")
+    calibrated = result["calibrated"]
+    print(f"  from the start-up calibration alone (the production path): {' '.join(calibrated['spans'])} on "
+          f"{' '.join(calibrated['workers'])}, {calibrated['throughput_rps']:.2f} req/s = "
+          f"{result['calibrated_throughput_ratio']:.2f}x the even split")
     for row in result["even_stages_calibrated"]:
         got = f"{row['measured_ms']:7.1f}" if row["measured_ms"] is not None else "    n/a"
         print(f"    even stage {row['layers']:>5} on {row['worker']}: from calibration {row['predicted_ms']:7.1f} ms, measured {got} ms")
@@ -199,7 +246,18 @@ def _print(result: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    threads = tuple(int(t) for t in environ.get("SHARDMESH_BENCH_PLACEMENT_THREADS", "").split(",") if t) or DEFAULT_THREADS
+    threads = tuple(int(t) for t in environ.get("SHARDMESH_BENCH_PLACEMENT_THREADS", "").split(",") if t)
+    cpus = tuple(float(c) for c in environ.get("SHARDMESH_BENCH_PLACEMENT_CPUS", "").split(",") if c)
+    if not threads and not cpus:
+        threads, cpus = (QUOTA_THREADS, QUOTA_CPUS) if cpulimit.available() else (DEFAULT_THREADS, ())
+    threads = threads or tuple(1 for _ in cpus)
+    cpus = cpus or tuple(0.0 for _ in threads)
+    if len(cpus) != len(threads):
+        print(f"SHARDMESH_BENCH_PLACEMENT_CPUS has {len(cpus)} entries but there are {len(threads)} workers", file=sys.stderr)
+        return 2
+    if any(c > 0 for c in cpus) and not cpulimit.available():
+        print("SHARDMESH_BENCH_PLACEMENT_CPUS needs a writable cgroup cpu controller (root); none here", file=sys.stderr)
+        return 2
     requests = args.requests or (QUICK_REQUESTS if args.quick else DEFAULT_REQUESTS)
     for key, value in CHILD_ENV.items():
         os.environ.setdefault(key, value)  # children read it when they load torch
@@ -207,7 +265,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    result = asyncio.run(_run(threads, requests, say))
+    result = asyncio.run(_run(threads, cpus, requests, say))
     _print(result)
     if args.json_path:
         with open(args.json_path, "w") as handle:

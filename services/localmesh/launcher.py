@@ -165,11 +165,16 @@ def router_argv(spec: MeshSpec, worker_addresses: list[str], extra: tuple[str, .
 class LocalMesh:
     """A running local mesh. ``async with LocalMesh(spec) as mesh: mesh.router_address``."""
 
-    def __init__(self, spec: MeshSpec, *, progress: Progress | None = None, echo_stderr: bool = False) -> None:
+    def __init__(
+        self, spec: MeshSpec, *, progress: Progress | None = None, echo_stderr: bool = False,
+        on_spawn: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.spec = spec
         self.workers: list[Child] = []
         self.router: Child | None = None
         self._progress = progress or (lambda name, event: None)
+        # (worker name, pid) right after each worker starts, before it loads anything (bench placement's CPU quota)
+        self._on_spawn = on_spawn or (lambda name, pid: None)
         self._echo = echo_stderr
         self._key_dir: MeshKeyDir | None = None
 
@@ -220,6 +225,7 @@ class LocalMesh:
                 child = Child(w.name, worker_argv(self.spec, w, self._worker_extra()))
                 await child.spawn(self._echo)
                 self.workers.append(child)
+                self._on_spawn(w.name, child.pid)
                 self._progress(w.name, "started")
             await asyncio.gather(*(self._await_worker(c, timeout_s) for c in self.workers))
             self.router = Child("router", router_argv(self.spec, [c.address for c in self.workers], self._key_args()))
@@ -245,6 +251,7 @@ class LocalMesh:
         await child.spawn(self._echo)
         self.workers.append(child)
         try:
+            self._on_spawn(worker.name, child.pid)
             await self._await_worker(child, timeout_s)
         except BaseException:
             await child.stop()
