@@ -15,6 +15,7 @@ one markdown table: p50 per round and the median of the rounds' p50s, with the l
 
     python3 scripts/trace_cost.py --rounds 3 --seconds 8
     python3 scripts/trace_cost.py --compare fast-exit   # the same for the workers' fast-exit allocator (#11)
+    python3 scripts/trace_cost.py --compare code --baseline /tmp/old   # this checkout against another one
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ COMPARISONS: dict[str, dict[str, dict[str, str]]] = {
                       "shm-64KiB": {"SHARDMESH_SHM_MIN_BYTES": str(1 << 16)}},
 }
 READY_TIMEOUT_S = 300.0
+CODE_DIR = "@code"  # a setting's pseudo-variable: the checkout its mesh runs from
 
 
 @contextlib.contextmanager
@@ -59,8 +61,10 @@ def mesh(name: str, env: dict[str, str], args: argparse.Namespace, workdir: Path
               "worker_args": ["--threads", "1"]}
     cfg = workdir / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(config))
+    env = dict(env)
+    code = Path(env.pop(CODE_DIR, REPO))  # --compare code: the mesh runs that checkout's code (python -m from its root)
     child_env = {k: v for k, v in os.environ.items() if k not in ("SHARDMESH_TRACE_FILE",)} | env
-    up = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up", str(cfg)], cwd=REPO, text=True,
+    up = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up", str(cfg)], cwd=code, text=True,
                           env=child_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         assert up.stdout is not None
@@ -103,10 +107,16 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0, help="per setting per round")
-    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="tracing",
-                        help="the settings to compare (the first is the baseline)")
+    parser.add_argument("--compare", choices=sorted([*COMPARISONS, "code"]), default="tracing",
+                        help="the settings to compare (the first is the baseline); code: --baseline against this checkout")
+    parser.add_argument("--baseline", type=Path, help="--compare code: another checkout (e.g. a git worktree)")
     args = parser.parse_args()
-    settings = COMPARISONS[args.compare]
+    if args.compare == "code":
+        if args.baseline is None or not (args.baseline / "services").is_dir():
+            parser.error("--compare code needs --baseline DIR, a checkout of this repository")
+        settings = {f"baseline ({args.baseline.name})": {CODE_DIR: str(args.baseline.resolve())}, "this checkout": {}}
+    else:
+        settings = COMPARISONS[args.compare]
 
     from services.client import RouterClient
 
