@@ -60,3 +60,26 @@ def test_tied_head_counts_the_embedding_on_the_last_stage(model: str) -> None:
     head = load_stage(source, LayerSpan(source.total_layers - 1, source.total_layers))
     per_layer, _, _ = weight_bytes_by_layer(source)
     assert per_layer[-1] + last == head.parameter_count() * 4
+
+
+def test_calibration_counts_time_a_quota_takes_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process under a CPU quota runs most matmuls at full speed and then waits for its next period: the
+    calibrated speed must be the sustained rate, not the peak of the unthrottled calls (the old median of short
+    samples reported the peak, so a worker at 0.3 cores calibrated as fast as an unlimited one)."""
+    import torch
+
+    from services.placement import measure
+
+    clock = [0.0]
+    calls = [0]
+
+    def mm(a: torch.Tensor, b: torch.Tensor) -> None:  # 1 ms per product; every 10th waits 50 ms for its quota
+        calls[0] += 1
+        clock[0] += 0.001 + (0.050 if calls[0] % 10 == 0 else 0.0)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+    speed = measure.calibrate_speed(duration_s=1.0)
+    flop = 2.0 * measure._CAL_M * measure._CAL_K * measure._CAL_N
+    sustained = flop / 0.006 / 1e9 / measure.REFERENCE_GFLOPS  # 60 ms per 10 products
+    assert abs(speed - sustained) / sustained < 0.1, (speed, sustained)
