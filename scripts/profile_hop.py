@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +79,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--clients", type=int, default=1, help="closed-loop clients sending at once")
+    parser.add_argument("--worker-args", default="--threads 1", help="extra worker flags, e.g. '--max-batch-size 8'")
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="shardmesh-profile-")))
     args = parser.parse_args()
     if shutil.which("py-spy") is None:
@@ -89,7 +92,7 @@ def main() -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     config = {"model": args.model, "mode": args.mode, "workers": [{"layers": s} for s in args.stages.split(",")],
-              "worker_args": ["--threads", "1"]}
+              "worker_args": args.worker_args.split()}
     cfg = args.out / "mesh.yaml"
     cfg.write_text(yaml.safe_dump(config))
     up = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up", str(cfg)], cwd=REPO, text=True,
@@ -118,10 +121,17 @@ def main() -> int:
                      "--duration", str(int(args.seconds)), "--pid", str(pid), "-o", str(args.out / f"{name}.txt")],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             end = time.monotonic() + args.seconds
-            while time.monotonic() < end:
-                t = time.perf_counter()
-                client.infer(tokens=ids)
-                latencies.append(1000 * (time.perf_counter() - t))
+
+            def loop() -> None:
+                with RouterClient(router) as own:  # a sync client runs its own loop: one per thread
+                    while time.monotonic() < end:
+                        t = time.perf_counter()
+                        own.infer(tokens=ids)
+                        latencies.append(1000 * (time.perf_counter() - t))
+
+            with ThreadPoolExecutor(args.clients) as pool:
+                for _ in range(args.clients):
+                    pool.submit(loop)
         for spy in spies:
             spy.wait(timeout=args.seconds + 60)
     finally:
@@ -131,7 +141,8 @@ def main() -> int:
         up.send_signal(signal.SIGINT)
         up.wait(timeout=60)
     p50 = statistics.median(latencies)
-    print(f"{args.model} {args.mode} {args.stages} {args.tokens} tokens: {len(latencies)} requests, client p50 "
+    print(f"{args.model} {args.mode} {args.stages} {args.tokens} tokens, {args.clients} clients, workers "
+          f"{args.worker_args!r}: {len(latencies)} requests, client p50 "
           f"{p50:.2f} ms; load {os.getloadavg()[0]:.2f}; stacks in {args.out}")
     names = [n for n, _ in CATEGORIES] + ["other (interpreter, libraries)"]
     table = {name: shares(args.out / f"{name}.txt") for name in procs if (args.out / f"{name}.txt").exists()}

@@ -139,10 +139,12 @@ async def run_batched_mesh(
     sizes: WireSizes,
     progress: Progress,
 ) -> tuple[list[Outcome], dict[int, dict[str, float]]]:
-    """mesh-direct with every worker at ``--max-batch-size max_batch_size`` (delay 0: continuous batching),
-    at every concurrency level; also returns, per level, the hop batch sizes the workers reported."""
+    """mesh-direct with every worker at ``--max-batch-size max_batch_size`` (and ``plan.max_queue_delay_us``;
+    0: continuous batching), at every concurrency level; also returns, per level, the hop batch sizes the
+    workers reported."""
     base = mesh_spec(workload, plan.worker_threads)
-    spec = dataclasses.replace(base, worker_args=(*base.worker_args, "--max-batch-size", str(max_batch_size)))
+    batching = ("--max-batch-size", str(max_batch_size), "--max-queue-delay-us", str(plan.max_queue_delay_us))
+    spec = dataclasses.replace(base, worker_args=(*base.worker_args, *batching))
     system = batched_system(max_batch_size)
     mesh = LocalMesh(spec)
     outcomes: list[Outcome] = []
@@ -286,6 +288,7 @@ def _settings(plan: BenchPlan) -> dict[str, object]:
         "torch_rpc_variants": {s: RPC_VARIANTS[s].describe() + ", TP_SOCKET_IFNAME=lo" for s in plan.rpc_systems},
         "workloads": [dataclasses.asdict(w) for w in plan.workloads],
         "batching_max_batch_sizes": list(plan.batch_sizes),
+        "batching_max_queue_delay_us": plan.max_queue_delay_us,
     }
 
 

@@ -15,6 +15,9 @@ from services.errors import ConfigError
 # Env override for the torch intra-op threads of every mesh worker and rpc stage (the bench CLI has no
 # flag for it yet); the default is one per core, like the single-process reference.
 WORKER_THREADS_ENV = "SHARDMESH_BENCH_WORKER_THREADS"
+# Env override for the batched mesh's workers' --max-queue-delay-us (--batching only; default 0 = continuous
+# batching): how long a stage waits for a fuller batch, to measure that trade at 16 clients.
+QUEUE_DELAY_ENV = "SHARDMESH_BENCH_MAX_QUEUE_DELAY_US"
 # Environment for every child process (mesh workers, router, rpc processes). torch's OpenMP (libgomp)
 # threads spin-wait after each parallel region; with three stage processes on 2 cores the idle stages'
 # spinning steals the cores from the one computing (measured: minilm mesh p50 344 ms instead of 37 ms
@@ -90,6 +93,7 @@ class BenchPlan:
     # --batching: the workers' --max-batch-size values to compare (mesh-direct only; 1 = batching off).
     # Empty = the ordinary suite.
     batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0  # the batched mesh's workers' --max-queue-delay-us (QUEUE_DELAY_ENV)
 
 
 def _positive_ints(text: str, flag: str, what: str) -> tuple[int, ...]:
@@ -107,12 +111,12 @@ def parse_concurrency(text: str) -> tuple[int, ...]:
     return _positive_ints(text, "--concurrency", "levels")
 
 
-def _worker_threads(environ: Mapping[str, str], cpu_count: int) -> int:
-    raw = environ.get(WORKER_THREADS_ENV, "")
+def _env_int(environ: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = environ.get(name, "")
     if not raw:
-        return max(1, cpu_count)
-    if not raw.isdigit() or int(raw) < 1:
-        raise ConfigError(f"${WORKER_THREADS_ENV}: expected an integer >= 1, got {raw!r}")
+        return default
+    if not raw.isdigit() or int(raw) < minimum:
+        raise ConfigError(f"${name}: expected an integer >= {minimum}, got {raw!r}")
     return int(raw)
 
 
@@ -149,11 +153,12 @@ def build_plan(
     return BenchPlan(
         workloads=workloads,
         concurrency=levels,
-        worker_threads=_worker_threads(environ, cpu_count),
+        worker_threads=_env_int(environ, WORKER_THREADS_ENV, max(1, cpu_count), 1),
         child_env=tuple(CHILD_ENV.items()),
         single_threads=tuple(sorted({1, max(1, cpu_count)})),
         # The shm variant only in full runs: it is the slower one to run on 2 cores and adds ~40 s per workload.
         rpc_systems=() if batching else (SYSTEM_TORCH_RPC,) if quick else (SYSTEM_TORCH_RPC, SYSTEM_TORCH_RPC_SHM),
         quick=quick,
         batch_sizes=parse_batch_sizes(batching) if batching else (),
+        max_queue_delay_us=_env_int(environ, QUEUE_DELAY_ENV, 0, 0),
     )

@@ -126,6 +126,16 @@ def test_plan_quick_and_concurrency() -> None:
         build_plan(quick=True, requests=0, concurrency="1", cpu_count=2, environ={"SHARDMESH_BENCH_WORKER_THREADS": "x"})
 
 
+def test_plan_queue_delay_for_the_batched_mesh() -> None:
+    assert build_plan(quick=True, requests=0, concurrency="1", cpu_count=2, environ={}, batching="1,8").max_queue_delay_us == 0
+    env = {"SHARDMESH_BENCH_MAX_QUEUE_DELAY_US": "2000"}
+    assert build_plan(quick=True, requests=0, concurrency="1", cpu_count=2, environ=env, batching="8").max_queue_delay_us == 2000
+    for bad in ("-1", "2ms"):
+        with pytest.raises(ConfigError, match="SHARDMESH_BENCH_MAX_QUEUE_DELAY_US"):
+            build_plan(quick=True, requests=0, concurrency="1", cpu_count=2,
+                       environ={"SHARDMESH_BENCH_MAX_QUEUE_DELAY_US": bad}, batching="8")
+
+
 def test_unknown_suite_exits_2() -> None:
     assert run(argparse.Namespace(suite="no-such-suite"), environ={}) == NOT_IMPLEMENTED_EXIT
 
