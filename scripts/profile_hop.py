@@ -2,12 +2,12 @@
 """Where a mesh hop's time goes: py-spy samples of the router and every worker under steady closed-loop load.
 
 Issue 11 asks for the per-hop breakdown before any change to the hop path. This starts a local mesh with
-``shardmesh up`` (the production processes), sends back-to-back Infer requests from ``--clients`` clients (1 by
-default), records each
-process with ``py-spy record --nonblocking --format raw`` (only threads that are on the CPU), and sorts every
-sample into one category by the innermost frame that names one (serialise, codec, gRPC, event loop, executor
-hand-off, compute...). Prints one markdown table of CPU shares per process plus the client's p50, and keeps the
-raw stacks in --out, with each process's CPU per request by the kernel's account beside py-spy's. Needs ``pip install py-spy``; sampling costs a few % of the sampled process.
+``shardmesh up`` (the production processes), sends back-to-back Infer requests from ``--clients`` clients
+(default 1), records each process with ``py-spy record --nonblocking --format raw`` (only threads that are on the
+CPU), and sorts every sample into one category by the innermost frame that names one (serialise, codec, gRPC,
+event loop, executor hand-off, compute...). Prints one markdown table of CPU per request per process, with each
+process's CPU by the kernel's account beside py-spy's, plus the client's p50, and keeps the raw stacks in --out.
+Needs ``pip install py-spy``; sampling costs a few % of the sampled process.
 
     python3 scripts/profile_hop.py --mode direct --seconds 20 --out /tmp/profile
 """
@@ -138,8 +138,8 @@ def main() -> int:
                         latencies.append(1000 * (time.perf_counter() - t))
 
             with ThreadPoolExecutor(args.clients) as pool:
-                for _ in range(args.clients):
-                    pool.submit(loop)
+                for future in [pool.submit(loop) for _ in range(args.clients)]:
+                    future.result()  # a client's failed request ends the run with its error, not silently
         cpu_used = {name: _cpu_s(pid) - cpu_before[name] for name, pid in procs.items()}
         for spy in spies:
             spy.wait(timeout=args.seconds + 60)
