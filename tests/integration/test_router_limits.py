@@ -135,24 +135,41 @@ async def test_a_long_text_does_not_stall_concurrent_requests(limited: Limited) 
 
 async def test_streams_beyond_the_cap_are_refused_and_health_still_answers(limited: Limited) -> None:
     """The router admits at most --max-inflight streams at once; more are RESOURCE_EXHAUSTED naming the limit,
-    and health checks are never refused."""
+    health checks are never refused, and a closed stream frees its place.
+
+    The extra streams send nothing: a client that writes to a stream the server has already refused can see
+    its own failed send (INTERNAL, "Failed execute_batch") instead of the server's status, a race inside
+    grpc.aio's client that CI once hit; what the router answers is the status, so that is what is checked."""
+
+    def request(i: int) -> router_pb2.InferRequest:
+        return router_pb2.InferRequest(request_id=f"r{i}", tokens=router_pb2.TokenIds(ids=[1, 2]))
+
     async with grpc.aio.insecure_channel(limited.address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
-        calls = [stub.InferStream() for _ in range(MAX_INFLIGHT + 2)]
+        held = [stub.InferStream() for _ in range(MAX_INFLIGHT)]
+        extra: list[grpc.aio.StreamStreamCall] = []
         try:
-            await asyncio.gather(
-                *(c.write(router_pb2.InferRequest(request_id=f"r{i}", tokens=router_pb2.TokenIds(ids=[1, 2])))
-                  for i, c in enumerate(calls)),
-                return_exceptions=True,
-            )
-            first = await asyncio.gather(*(asyncio.wait_for(c.read(), 30) for c in calls), return_exceptions=True)
+            for i, call in enumerate(held):
+                await call.write(request(i))
+            first = await asyncio.gather(*(asyncio.wait_for(c.read(), 30) for c in held))
+            assert all(not r.HasField("error") for r in first), first  # all four admitted and served, still open
+            extra = [stub.InferStream() for _ in range(2)]
+            codes = await asyncio.gather(*(asyncio.wait_for(c.code(), 30) for c in extra))
+            assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2, codes
+            for call in extra:
+                assert f"(limit {MAX_INFLIGHT})" in (await call.details()), await call.details()
             health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
-            served = [r for r in first if isinstance(r, router_pb2.InferResponse) and not r.HasField("error")]
-            refused = [c for c in calls if c.done() and await c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
-            assert (len(served), len(refused)) == (MAX_INFLIGHT, 2), first
-            for call in refused:
-                assert f"(limit {MAX_INFLIGHT})" in (await call.details()), await call.details()
+            # the held streams still answer; closing one lets a new stream in
+            await held[0].write(request(10))
+            assert not (await asyncio.wait_for(held[0].read(), 30)).HasField("error")
+            await held[0].done_writing()
+            assert await asyncio.wait_for(held[0].code(), 30) == grpc.StatusCode.OK
+            late = stub.InferStream()
+            extra.append(late)
+            await late.write(request(11))
+            reply = await asyncio.wait_for(late.read(), 30)
+            assert isinstance(reply, router_pb2.InferResponse) and not reply.HasField("error"), reply
         finally:
-            for call in calls:
+            for call in held + extra:
                 call.cancel()
