@@ -13,6 +13,8 @@ Faults, per rule (source ``None`` = every caller), per direction (``to`` the wor
   on, as TCP retransmission would deliver them after a routing blackhole heals;
 - ``partition``: blackhole in both directions; ``reset``: open connections are aborted with RST
   (SO_LINGER 0) and new ones are reset on accept while the rule holds.
+While a rule aimed at one caller is active, a new connection forwards nothing until its caller is known, so the
+fault applies from the first byte.
 Nothing here touches the host's network configuration.
 """
 
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 CHUNK = 64 * 1024
 MAX_QUEUED_BYTES = 8 * 1024 * 1024  # per connection and direction, while a delay holds chunks back
 TO, FROM = "to", "from"
+IDENTIFY_TIMEOUT_S = 5.0  # a caller not attributed by then counts as "other"
 
 
 @dataclass
@@ -142,6 +145,9 @@ class FaultProxy:
                 return rule
         return None
 
+    def _aimed_rule_active(self) -> bool:
+        return any(rule.source is not None for rule in self.rules)
+
     def _held(self, source: str, direction: str) -> bool:
         return bool(self._active("blackhole", source, direction) or self._active("partition", source, "both"))
 
@@ -156,6 +162,12 @@ class FaultProxy:
         conn.identify = identify
         if identify is not None:
             identify.add_done_callback(lambda t: self._identified(conn, t))
+            if self._aimed_rule_active():
+                # A fault aimed at one caller holds from its first byte: until the caller is known, nothing is
+                # forwarded (its bytes wait in the kernel's buffer). Letting it through meanwhile gave that
+                # caller a working link for as long as the lookup took (100s of ms on a loaded host).
+                with contextlib.suppress(Exception):
+                    conn.source = await asyncio.wait_for(asyncio.shield(identify), IDENTIFY_TIMEOUT_S)
         if self._active("reset", conn.source, TO):
             self.stats["reset"] += 1
             conn.reset()
@@ -195,6 +207,8 @@ class FaultProxy:
         if task.cancelled() or task.exception() is not None:
             return
         conn.source = task.result()
+        if conn not in self._conns:  # still in _accept, which applies the rules once it knows the caller
+            return
         for rule in self.rules:  # a reset aimed at this caller that began before it was known
             if rule.kind == "reset" and rule.source == conn.source:
                 self.stats["reset"] += 1

@@ -5,7 +5,9 @@ real grpc.aio server)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import pytest
 from services.chaos.history import Event, read_history, History, tokens_digest
 from services.chaos.history_checker import check
 from services.chaos.interceptor import FaultInjectionInterceptor, worker_stream_error
+from services.chaos import proxy as proxy_module
 from services.chaos.proxy import FaultProxy, Rule
 from services.chaos.references import Oracle
 from services.chaos.scenario import Expectations, FaultPlan, load_scenario, parse_scenario
@@ -237,6 +240,57 @@ async def test_proxy_pair_rule_spares_other_callers(echo_through_proxy: FaultPro
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     assert await _round_trip(reader, writer, b"spared", 5) < 1.0
     writer.close()
+
+
+async def test_a_fault_aimed_at_a_caller_holds_while_the_caller_is_still_being_looked_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The proxy attributes a connection to its caller by a process lookup that takes 100s of ms on a loaded
+    host; a reset or partition aimed at that caller must apply from the first byte, not once the lookup ends."""
+    real_lookup = proxy_module.owner_of_port
+
+    def slow_lookup(port: int, pids: Any) -> str:
+        time.sleep(0.6)
+        return real_lookup(port, pids)
+
+    monkeypatch.setattr(proxy_module, "owner_of_port", slow_lookup)
+    received = bytearray()
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                received.extend(data)
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    proxy = FaultProxy(("127.0.0.1", server.sockets[0].getsockname()[1]), lambda: {"me": os.getpid()})
+    await proxy.start()
+    try:
+        rule = proxy.add(Rule("reset", source="me"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await _round_trip(reader, writer, b"reset-me", 5)
+        writer.close()
+        proxy.remove(rule)
+        proxy.add(Rule("partition", source="me"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"cut-off")
+        await writer.drain()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.readexactly(7), 1.5)  # well past the lookup
+        writer.close()
+        assert bytes(received) == b"", f"the worker got {bytes(received)!r} from a caller the fault cut off"
+        # a caller the rule is not aimed at waits for the lookup, then passes
+        proxy.rules.clear()
+        proxy.add(Rule("partition", source="someone-else"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        assert await _round_trip(reader, writer, b"spared", 5) < 3
+        writer.close()
+    finally:
+        await proxy.close()
+        server.close()
 
 
 async def test_proxy_bandwidth_limit(echo_through_proxy: FaultProxy) -> None:
