@@ -249,9 +249,9 @@ async def test_a_fault_aimed_at_a_caller_holds_while_the_caller_is_still_being_l
     host; a reset or partition aimed at that caller must apply from the first byte, not once the lookup ends."""
     real_lookup = proxy_module.owner_of_port
 
-    def slow_lookup(port: int, pids: Any) -> str:
+    def slow_lookup(*args: Any) -> str:
         time.sleep(0.6)
-        return real_lookup(port, pids)
+        return real_lookup(*args)
 
     monkeypatch.setattr(proxy_module, "owner_of_port", slow_lookup)
     received = bytearray()
