@@ -2,7 +2,8 @@
 
 Order per workload: single process (one child, nothing else running), then the mesh (direct and
 relay), then the torch.distributed.rpc peer; each system's processes are stopped before the next one
-starts, so systems never compete for the cores.
+starts, so systems never compete for the cores. The whole order repeats ``--rounds`` times (3 by default),
+rotated by one system each round; rows pool the rounds and carry each round's ratios as the spread.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from services.bench.records import (
 )
 from services.bench.report import markdown_table, plot, results_document, write_json
 from services.bench.single import run_single
-from services.bench.stats import summarise
+from services.bench.stats import pool_rounds, round_spread, summarise
 from services.bench.tdrpc import RPC_VARIANTS, run_torch_rpc
 from services.bench.workloads import BenchPlan, Workload, build_plan
 from services.client import AsyncRouterClient
@@ -106,23 +107,70 @@ def _progress_for(workload: Workload, progress: Progress) -> Progress:
     return lambda message: progress(f"{workload.label}: {message}")
 
 
+def _systems_once(
+    workload: Workload, plan: BenchPlan, base: _Baseline, order: list[str], first_round: bool, say: Progress
+) -> tuple[Measurement, list[Outcome]]:
+    """One round: every system once, in ``order`` ("single", "mesh", then rpc variants); the round's single
+    measurement (the first round's is the baseline, measured just before) and everyone else's outcomes."""
+    single, outcomes = base.single, []
+    for name in order:
+        if name == SYSTEM_SINGLE:
+            if not first_round:
+                say(f"single process, {workload.requests} requests back to back")
+                single = run_single(workload, base.ids, base.mask, plan.single_threads, plan.start_timeout_s, say)[0]
+        elif name == "mesh":
+            try:
+                outcomes += asyncio.run(run_mesh(workload, plan, base.ids, base.mask, base.reference, base.sizes, say))
+            except Exception as exc:  # noqa: BLE001 - one system failing must not lose the others' numbers
+                say(f"mesh failed: {exc}")
+                outcomes += _failed((SYSTEM_MESH_DIRECT, SYSTEM_MESH_RELAY), plan, exc, plan.worker_threads)
+        else:
+            try:
+                outcomes += run_torch_rpc(workload, plan, base.ids, base.mask, base.reference, say, RPC_VARIANTS[name])
+            except Exception as exc:  # noqa: BLE001
+                say(f"{name} failed: {exc}")
+                outcomes += _failed((name,), plan, exc, plan.worker_threads)
+    return single, outcomes
+
+
 def run_workload(workload: Workload, plan: BenchPlan, progress: Progress) -> list[BenchRow]:
+    """Every system ``plan.rounds`` times, interleaved: round r runs the systems in an order rotated by r (the
+    single process too), so drift in the machine's speed lands on every system alike. A row pools its rounds'
+    requests; ``extra`` keeps each round's p50 and its ratios to the same round's single process (the spread)."""
     say = _progress_for(workload, progress)
     base = _baseline(workload, plan, say)
-    ids, mask, single, reference, sizes = base.ids, base.mask, base.single, base.reference, base.sizes
-    outcomes = list(base.outcomes)
-    try:
-        outcomes += asyncio.run(run_mesh(workload, plan, ids, mask, reference, sizes, say))
-    except Exception as exc:  # noqa: BLE001 - one system failing must not lose the others' numbers
-        say(f"mesh failed: {exc}")
-        outcomes += _failed((SYSTEM_MESH_DIRECT, SYSTEM_MESH_RELAY), plan, exc, plan.worker_threads)
-    for system in plan.rpc_systems:
-        try:
-            outcomes += run_torch_rpc(workload, plan, ids, mask, reference, say, RPC_VARIANTS[system])
-        except Exception as exc:  # noqa: BLE001
-            say(f"{system} failed: {exc}")
-            outcomes += _failed((system,), plan, exc, plan.worker_threads)
-    return [summarise(outcome, single, workload, sizes) for outcome in outcomes]
+    systems = [SYSTEM_SINGLE, "mesh", *plan.rpc_systems]
+    singles: list[Measurement] = []
+    rounds: list[list[Outcome]] = []
+    for r in range(plan.rounds):
+        order = systems[r % len(systems):] + systems[: r % len(systems)]
+        if plan.rounds > 1:
+            say(f"round {r + 1} of {plan.rounds}: {', '.join(order)}")
+        single, outcomes = _systems_once(workload, plan, base, order, r == 0, say)
+        singles.append(single)
+        rounds.append(outcomes)
+    keys = list(dict.fromkeys((o.system, o.concurrency) for o in rounds[0]))
+    single_rounds = [dataclasses.replace(base.outcomes[0], measurement=m) for m in singles]
+    rows = []
+    for outcome in base.outcomes:  # the single process's rows (one per level, the same measurements)
+        per_round = [dataclasses.replace(o, concurrency=outcome.concurrency, note=outcome.note) for o in single_rounds]
+        rows.append(_pooled_row(per_round, singles, workload, base.sizes, plan.rounds))
+    for key in keys:
+        per_round = [next(o for o in outcomes if (o.system, o.concurrency) == key) for outcomes in rounds]
+        rows.append(_pooled_row(per_round, singles, workload, base.sizes, plan.rounds))
+    return rows
+
+
+def _pooled_row(
+    per_round: list[Outcome], singles: list[Measurement], workload: Workload, sizes: WireSizes, rounds: int
+) -> BenchRow:
+    """The row of one system at one level over the rounds, with the per-round spread in ``extra`` (2+ rounds)."""
+    single_all = pool_rounds([Outcome(SYSTEM_SINGLE, 1, m, 1) for m in singles]).measurement
+    assert single_all is not None
+    row = summarise(pool_rounds(per_round), single_all, workload, sizes)
+    if rounds < 2:
+        return row
+    return dataclasses.replace(row, extra={**row.extra, "rounds": rounds, **round_spread(per_round, singles)})
 
 
 def batched_system(max_batch_size: int) -> str:
@@ -289,6 +337,7 @@ def _settings(plan: BenchPlan) -> dict[str, object]:
         "workloads": [dataclasses.asdict(w) for w in plan.workloads],
         "batching_max_batch_sizes": list(plan.batch_sizes),
         "batching_max_queue_delay_us": plan.max_queue_delay_us,
+        "rounds": plan.rounds,
     }
 
 
@@ -301,6 +350,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     plan = build_plan(
         quick=args.quick, requests=args.requests, concurrency=args.concurrency,
         cpu_count=os.cpu_count() or 1, environ=environ, batching=getattr(args, "batching", None),
+        rounds=getattr(args, "rounds", 0),
     )  # fmt: skip
     progress = progress_printer()
     started_at = _now()

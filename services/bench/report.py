@@ -49,6 +49,14 @@ def _cell(key: str, value: Any) -> str:
     return str(value)
 
 
+def _spread_cell(values: Any) -> str:
+    """Rounds' ratios as "min-max (n)": the spread to read a ratio against."""
+    known = [v for v in values or () if v is not None]
+    if not known:
+        return "-"
+    return f"{min(known):.2f}-{max(known):.2f}x ({len(known)})"
+
+
 def _size(n: int) -> str:
     for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
@@ -58,12 +66,16 @@ def _size(n: int) -> str:
 
 def markdown_table(rows: Sequence[BenchRow]) -> str:
     """A GitHub-markdown table (also readable in a terminal); errors and notes follow as footnotes."""
-    header = "| " + " | ".join(title for _, title in COLUMNS) + " |"
-    lines = [header, "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    spread = any("ratio_to_single_per_round" in row.extra for row in rows)
+    titles = [title for _, title in COLUMNS] + (["p50 / single per round"] if spread else [])
+    header = "| " + " | ".join(titles) + " |"
+    lines = [header, "|" + "|".join("---" for _ in titles) + "|"]
     notes: list[str] = []
     for row in rows:
         data = row.to_json()
         cells = [_cell(key, data.get(key)) for key, _ in COLUMNS]
+        if spread:
+            cells.append(_spread_cell(row.extra.get("ratio_to_single_per_round")))
         remark = row.error or row.note
         if remark:
             notes.append(remark)

@@ -145,3 +145,46 @@ def summarise(outcome: Outcome, single: Measurement, workload: Workload, sizes: 
         hop_queue_ms=queue,
         transfer_gbps=gbps,
     )
+
+
+def pool_rounds(outcomes: Sequence[Outcome]) -> Outcome:
+    """One system's outcomes at one level over several rounds, as one outcome: the samples of every round,
+    the rounds' wall times added (so throughput is all requests over all measuring time), failures added,
+    and "same output" only if every round matched. A round that failed outright makes the pooled row an error
+    naming it, rather than a row silently built from fewer rounds."""
+    if not outcomes:
+        raise ValueError("pool_rounds of no outcomes")
+    first = outcomes[0]
+    errors = [f"round {i + 1}: {o.error}" for i, o in enumerate(outcomes) if o.error or o.measurement is None]
+    if errors:
+        return replace(first, measurement=None, error="; ".join(e or "" for e in errors)[:800])
+    measurements = [o.measurement for o in outcomes if o.measurement is not None]
+    matches = [m.matches_single for m in measurements]
+    background = [m.background_cores for m in measurements if m.background_cores is not None]
+    pooled = Measurement(
+        samples=tuple(s for m in measurements for s in m.samples),
+        wall_s=sum(m.wall_s for m in measurements),
+        concurrency=first.concurrency,
+        failures=sum(m.failures for m in measurements),
+        first_failure=next((m.first_failure for m in measurements if m.first_failure), ""),
+        matches_single=None if any(v is None for v in matches) else all(matches),  # type: ignore[arg-type]
+        background_cores=max(background) if background else None,
+    )
+    return replace(first, measurement=pooled)
+
+
+def round_spread(rounds: Sequence[Outcome], singles: Sequence[Measurement]) -> dict[str, list[float | None]]:
+    """Per round: p50, and the p50 and throughput ratios against the single process *of the same round*
+    (systems interleave, so a round's ratio compares runs minutes apart at most); the spread a reader needs
+    to tell a difference from noise."""
+    p50s: list[float | None] = []
+    ratios: list[float | None] = []
+    rates: list[float | None] = []
+    for outcome, single in zip(rounds, singles, strict=True):
+        m = outcome.measurement
+        p50 = latency_summary(m)[0] if m is not None and m.samples else None
+        rps = throughput_rps(len(m.samples), m.wall_s) if m is not None else None
+        p50s.append(p50)
+        ratios.append(ratio(p50, latency_summary(single)[0] if single.samples else None))
+        rates.append(ratio(rps, throughput_rps(len(single.samples), single.wall_s)))
+    return {"p50_ms_per_round": p50s, "ratio_to_single_per_round": ratios, "throughput_ratio_per_round": rates}

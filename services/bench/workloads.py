@@ -80,6 +80,9 @@ QUICK_BATCHING = Workload(
 )
 
 
+DEFAULT_ROUNDS = 3  # the ordinary suite: every system three times, interleaved, so a ratio shows its spread
+
+
 @dataclass(frozen=True)
 class BenchPlan:
     workloads: tuple[Workload, ...]
@@ -94,6 +97,7 @@ class BenchPlan:
     # Empty = the ordinary suite.
     batch_sizes: tuple[int, ...] = ()
     max_queue_delay_us: int = 0  # the batched mesh's workers' --max-queue-delay-us (QUEUE_DELAY_ENV)
+    rounds: int = 1  # the ordinary suite runs every system this many times, interleaved (--rounds)
 
 
 def _positive_ints(text: str, flag: str, what: str) -> tuple[int, ...]:
@@ -133,6 +137,7 @@ def build_plan(
     cpu_count: int,
     environ: Mapping[str, str],
     batching: str | None = None,
+    rounds: int = 0,
 ) -> BenchPlan:
     """The run's plan. ``--quick`` uses a short minilm input and concurrency 1,2 (unless levels are given).
 
@@ -141,6 +146,10 @@ def build_plan(
     """
     if requests < 0:
         raise ConfigError(f"--requests: expected an integer >= 0 (0 = suite default), got {requests}")
+    if rounds < 0:
+        raise ConfigError(f"--rounds: expected an integer >= 0 (0 = suite default), got {rounds}")
+    if rounds > 1 and batching:
+        raise ConfigError("--rounds: the --batching comparison runs one round; drop --rounds or --batching")
     if batching:
         workloads: tuple[Workload, ...] = (QUICK_BATCHING,) if quick else (MINILM_SHORT,)
     else:
@@ -161,4 +170,5 @@ def build_plan(
         quick=quick,
         batch_sizes=parse_batch_sizes(batching) if batching else (),
         max_queue_delay_us=_env_int(environ, QUEUE_DELAY_ENV, 0, 0),
+        rounds=rounds or (1 if quick or batching else DEFAULT_ROUNDS),
     )

@@ -1,4 +1,5 @@
-"""``shardmesh bench --quick`` end to end: every system measured (or its row says why not), JSON and plot written."""
+"""``shardmesh bench --quick --rounds 2`` end to end: every system measured in two interleaved rounds (or its row
+says why not), rows pooling both rounds with the per-round spread, JSON and plot written."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ SYSTEMS = {"single", "mesh-direct", "mesh-relay", "torch-rpc"}
 @pytest.mark.timeout(420)
 def test_bench_quick_writes_json_and_plot(tmp_path: Path) -> None:
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
-    proc = Proc([*CLI, "bench", "--quick", "--json", str(out_json), "--plot", str(out_png)])
+    proc = Proc([*CLI, "bench", "--quick", "--rounds", "2", "--json", str(out_json), "--plot", str(out_png)])
     code = proc.wait(400)
     assert code == 0, "\n".join(proc.stderr[-40:])
     doc = json.loads(out_json.read_text())
@@ -37,7 +38,15 @@ def test_bench_quick_writes_json_and_plot(tmp_path: Path) -> None:
         assert row["matches_single"] is True, row  # same computation in every system
         if row["system"] != "single":
             assert row["hop_overhead_ms"] is not None and row["transfer_gbps"] is not None
+        # two rounds pooled: each round's p50 and ratios kept, and the pooled p50 lies within the rounds' range
+        extra = row["extra"]
+        assert extra["rounds"] == 2 and len(extra["p50_ms_per_round"]) == 2, extra
+        assert min(extra["p50_ms_per_round"]) <= row["p50_ms"] <= max(extra["p50_ms_per_round"]), row
+        assert all(r > 0 for r in extra["ratio_to_single_per_round"] + extra["throughput_ratio_per_round"]), extra
+    assert doc["settings"]["rounds"] == 2
+    assert {r["requests"] for r in rows if r["system"] == "mesh-direct"} == {2 * doc["settings"]["workloads"][0]["requests"]}
     single = [r for r in rows if r["system"] == "single" and r["concurrency"] == 1]
     assert single and single[0]["ratio_to_single"] == pytest.approx(1.0)
     assert out_png.stat().st_size > 10_000 and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| system |" in "\n".join(proc.stdout)
+    assert "| system |" in "\n".join(proc.stdout) and "p50 / single per round" in "\n".join(proc.stdout)
+    assert sum("round 2 of 2" in line for line in proc.stderr + proc.stdout) >= 1

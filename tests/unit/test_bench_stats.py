@@ -136,6 +136,45 @@ def test_plan_queue_delay_for_the_batched_mesh() -> None:
                        environ={"SHARDMESH_BENCH_MAX_QUEUE_DELAY_US": bad}, batching="8")
 
 
+def test_plan_rounds() -> None:
+    plan = lambda **kw: build_plan(requests=0, concurrency="1", cpu_count=2, environ={}, **kw)  # noqa: E731
+    assert plan(quick=False).rounds == 3 and plan(quick=True).rounds == 1 and plan(quick=False, batching="8").rounds == 1
+    assert plan(quick=True, rounds=2).rounds == 2
+    with pytest.raises(ConfigError, match="--rounds"):
+        plan(quick=False, rounds=-1)
+    with pytest.raises(ConfigError, match="--batching"):
+        plan(quick=False, batching="8", rounds=3)
+
+
+def test_rounds_pool_their_requests_and_keep_each_rounds_ratio() -> None:
+    """Round 1: single p50 10 ms, system 12 ms; round 2 (a slower machine): single 20, system 22. The pooled row
+    takes every request and all measuring time; the spread compares each round with its own single process."""
+    workload = Workload("m", 1, 8, ("0:1", "1:2"), requests=2, warmup=0, request_timeout_s=1.0)
+    sizes = WireSizes(64, 64, 1000, 10)
+    singles = [_measurement([10.0, 10.0], wall_s=0.02), _measurement([20.0, 20.0], wall_s=0.04)]
+    rounds = [Outcome("mesh-direct", 1, _measurement([12.0, 12.0], wall_s=0.024), 1),
+              Outcome("mesh-direct", 1, _measurement([22.0, 22.0], wall_s=0.044), 1)]  # fmt: skip
+    pooled = stats.pool_rounds(rounds)
+    assert pooled.measurement is not None and len(pooled.measurement.samples) == 4
+    assert pooled.measurement.wall_s == pytest.approx(0.068)
+    single_all = stats.pool_rounds([Outcome("single", 1, m, 1) for m in singles]).measurement
+    assert single_all is not None
+    row = stats.summarise(pooled, single_all, workload, sizes)
+    assert row.requests == 4 and row.throughput_rps == pytest.approx(4 / 0.068)
+    spread = stats.round_spread(rounds, singles)
+    assert spread["p50_ms_per_round"] == [pytest.approx(12.0), pytest.approx(22.0)]
+    assert spread["ratio_to_single_per_round"] == [pytest.approx(1.2), pytest.approx(1.1)]
+    assert spread["throughput_ratio_per_round"] == [pytest.approx(100 / 120), pytest.approx(50 / 55)]
+    # a round that failed makes the pooled row an error naming the round, not a row of fewer rounds
+    failed = stats.pool_rounds([rounds[0], Outcome("mesh-direct", 1, None, 1, error="mesh failed: boom")])
+    assert failed.measurement is None and failed.error == "round 2: mesh failed: boom"
+    # one round's output differing from the single process shows in the pooled row
+    wrong = Measurement(rounds[1].measurement.samples, 0.044, 1, matches_single=False)  # type: ignore[union-attr]
+    right = Measurement(rounds[0].measurement.samples, 0.024, 1, matches_single=True)  # type: ignore[union-attr]
+    mixed = stats.pool_rounds([Outcome("mesh-direct", 1, right, 1), Outcome("mesh-direct", 1, wrong, 1)])
+    assert mixed.measurement is not None and mixed.measurement.matches_single is False
+
+
 def test_unknown_suite_exits_2() -> None:
     assert run(argparse.Namespace(suite="no-such-suite"), environ={}) == NOT_IMPLEMENTED_EXIT
 
