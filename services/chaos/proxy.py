@@ -180,8 +180,8 @@ class FaultProxy:
         peer = writer.get_extra_info("peername")
         conn = _Conn("other", writer)
         self.stats["connections"] += 1
-        # Attributing the caller scans a few processes' sockets: off the loop, and without delaying the
-        # connection (a fault aimed at a pair applies once the caller is known; faults start later anyway).
+        # Attributing the caller reads the socket table and a few processes' fds: off the loop, and without
+        # delaying the connection unless a fault aimed at one caller is active (then see below).
         identify = asyncio.create_task(asyncio.to_thread(owner_of_port, peer[1], dict(self._pids()), self.port)) if peer else None
         conn.identify = identify
         if identify is not None:
