@@ -109,15 +109,16 @@ def _progress_for(workload: Workload, progress: Progress) -> Progress:
 
 def _systems_once(
     workload: Workload, plan: BenchPlan, base: _Baseline, order: list[str], first_round: bool, say: Progress
-) -> tuple[Measurement, list[Outcome]]:
+) -> tuple[Measurement, int, list[Outcome]]:
     """One round: every system once, in ``order`` ("single", "mesh", then rpc variants); the round's single
-    measurement (the first round's is the baseline, measured just before) and everyone else's outcomes."""
-    single, outcomes = base.single, []
+    measurement and its thread count (the first round's are the baseline's, measured just before) and everyone
+    else's outcomes."""
+    single, threads, outcomes = base.single, base.outcomes[0].threads, []
     for name in order:
         if name == SYSTEM_SINGLE:
             if not first_round:
                 say(f"single process, {workload.requests} requests back to back")
-                single = run_single(workload, base.ids, base.mask, plan.single_threads, plan.start_timeout_s, say)[0]
+                single, _, threads = run_single(workload, base.ids, base.mask, plan.single_threads, plan.start_timeout_s, say)
         elif name == "mesh":
             try:
                 outcomes += asyncio.run(run_mesh(workload, plan, base.ids, base.mask, base.reference, base.sizes, say))
@@ -130,7 +131,7 @@ def _systems_once(
             except Exception as exc:  # noqa: BLE001
                 say(f"{name} failed: {exc}")
                 outcomes += _failed((name,), plan, exc, plan.worker_threads)
-    return single, outcomes
+    return single, threads, outcomes
 
 
 def run_workload(workload: Workload, plan: BenchPlan, progress: Progress) -> list[BenchRow]:
@@ -141,20 +142,23 @@ def run_workload(workload: Workload, plan: BenchPlan, progress: Progress) -> lis
     base = _baseline(workload, plan, say)
     systems = [SYSTEM_SINGLE, "mesh", *plan.rpc_systems]
     singles: list[Measurement] = []
+    single_threads: list[int] = []  # the single process picks its faster thread count anew each round
     rounds: list[list[Outcome]] = []
     for r in range(plan.rounds):
         order = systems[r % len(systems):] + systems[: r % len(systems)]
         if plan.rounds > 1:
             say(f"round {r + 1} of {plan.rounds}: {', '.join(order)}")
-        single, outcomes = _systems_once(workload, plan, base, order, r == 0, say)
+        single, threads, outcomes = _systems_once(workload, plan, base, order, r == 0, say)
         singles.append(single)
+        single_threads.append(threads)
         rounds.append(outcomes)
     keys = list(dict.fromkeys((o.system, o.concurrency) for o in rounds[0]))
     single_rounds = [dataclasses.replace(base.outcomes[0], measurement=m) for m in singles]
     rows = []
     for outcome in base.outcomes:  # the single process's rows (one per level, the same measurements)
         per_round = [dataclasses.replace(o, concurrency=outcome.concurrency, note=outcome.note) for o in single_rounds]
-        rows.append(_pooled_row(per_round, singles, workload, base.sizes, plan.rounds))
+        row = _pooled_row(per_round, singles, workload, base.sizes, plan.rounds)
+        rows.append(row if plan.rounds < 2 else dataclasses.replace(row, extra={**row.extra, "threads_per_round": single_threads}))
     for key in keys:
         per_round = [next(o for o in outcomes if (o.system, o.concurrency) == key) for outcomes in rounds]
         rows.append(_pooled_row(per_round, singles, workload, base.sizes, plan.rounds))

@@ -46,6 +46,7 @@ def test_bench_quick_writes_json_and_plot(tmp_path: Path) -> None:
     assert doc["settings"]["rounds"] == 2
     assert {r["requests"] for r in rows if r["system"] == "mesh-direct"} == {2 * doc["settings"]["workloads"][0]["requests"]}
     single = [r for r in rows if r["system"] == "single" and r["concurrency"] == 1]
+    assert len(single[0]["extra"]["threads_per_round"]) == 2  # it picks its faster setting anew each round
     assert single and single[0]["ratio_to_single"] == pytest.approx(1.0)
     assert out_png.stat().st_size > 10_000 and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| system |" in "\n".join(proc.stdout) and "p50 / single per round" in "\n".join(proc.stdout)
