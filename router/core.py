@@ -101,13 +101,22 @@ class RouterCore:
             if client_id:
                 self._claimed.discard(key)
 
+    def _tokenizer_model_id(self) -> str | None:
+        """--tokenizer-model, else the model the workers serve (None while no worker is known)."""
+        if self._tokenizer_model is not None:
+            return self._tokenizer_model
+        workers = self.topology.workers
+        return workers[0].model_id if workers else None
+
+    def _loaded_tokenizer(self) -> Any | None:
+        """The tokenizer if already loaded, else None (never loads, never raises)."""
+        model = self._tokenizer_model_id()
+        return None if model is None else self._tokenizers.loaded(model)
+
     def _tokenizer(self) -> Any:
-        model = self._tokenizer_model
+        model = self._tokenizer_model_id()
         if model is None:
-            workers = self.topology.workers
-            if not workers:
-                raise FailedPrecondition("no worker is known yet, so the model's tokenizer is unknown; retry shortly")
-            model = workers[0].model_id
+            raise FailedPrecondition("no worker is known yet, so the model's tokenizer is unknown; retry shortly")
         return self._tokenizers.get(model)
 
     async def infer(
@@ -151,7 +160,7 @@ class RouterCore:
         started = time.monotonic()
         deadline = started + (time_remaining if time_remaining is not None else self.request_timeout_s)
         mode = resolve_mode(request.mode, self.default_mode)
-        ids, mask = await request_inputs(request, self._tokenizer, self.max_tensor_bytes)
+        ids, mask = await request_inputs(request, self._tokenizer, self.max_tensor_bytes, self._loaded_tokenizer)
         request_id = request.request_id or uuid.uuid4().hex
         probe = self._cache_probe(ids, mask)
         if probe is not None and probe[2] is not None:

@@ -34,6 +34,10 @@ class TokenizerCache:
         self._cache: dict[str, Any] = {}
         self._lock = threading.Lock()
 
+    def loaded(self, model: str) -> Any | None:
+        """The tokenizer if it is already loaded, else None; never loads (safe on the event loop)."""
+        return self._cache.get(model)
+
     def get(self, model: str) -> Any:
         with self._lock:
             tok = self._cache.get(model)
@@ -73,6 +77,15 @@ def _max_positions(tokenizer: Callable[[], Any]) -> int | None:
         return getattr(tokenizer(), "max_positions", None)
     except Exception:  # noqa: BLE001 - no tokenizer here (no files, no worker yet): the worker's check remains
         return None
+
+
+async def _position_limit(tokenizer: Callable[[], Any], loaded: Callable[[], Any | None]) -> int | None:
+    """The model's position limit: from the loaded tokenizer at once, else loaded in a thread (first use).
+    Every tensor or token-id request asks, so the common case must not cost an executor hand-off."""
+    tok = loaded()
+    if tok is not None:
+        return getattr(tok, "max_positions", None)
+    return await asyncio.to_thread(_max_positions, tokenizer)
 
 
 def _encode_text(text: str, tokenizer: Callable[[], Any]) -> tuple[list[int], list[int]]:
@@ -118,9 +131,15 @@ def _refuse_chunk_fields(msg: tensor_pb2.Tensor, field: str) -> None:
 
 
 async def request_inputs(
-    request: router_pb2.InferRequest, tokenizer: Callable[[], Any], max_tensor_bytes: int
+    request: router_pb2.InferRequest,
+    tokenizer: Callable[[], Any],
+    max_tensor_bytes: int,
+    loaded: Callable[[], Any | None] = lambda: None,
 ) -> tuple[tensor_pb2.Tensor, tensor_pb2.Tensor | None]:
-    """Returns (ids, mask) as wire tensors; long texts are tokenised in a worker thread."""
+    """Returns (ids, mask) as wire tensors; long texts are tokenised in a worker thread.
+
+    ``tokenizer`` returns the model's tokenizer, loading it if need be; ``loaded`` returns it only if it is
+    already loaded (else None), so that the per-request position check stays on the event loop."""
     kind = request.WhichOneof("input")
     if kind is None:
         raise InvalidArgument("input: missing; set one of text, tokens or tensor")
@@ -138,13 +157,13 @@ async def request_inputs(
         count = len(request.tokens.ids)
         if not count:
             raise InvalidArgument("tokens: empty; send at least one token id")
-        check_token_count(count, await asyncio.to_thread(_max_positions, tokenizer), max_tensor_bytes, "tokens")
+        check_token_count(count, await _position_limit(tokenizer, loaded), max_tensor_bytes, "tokens")
         return codec.encode(torch.tensor([list(request.tokens.ids)], dtype=torch.int64)), None
     _refuse_chunk_fields(request.tensor, "tensor")
     ids_t = codec.decode(request.tensor, field="tensor", max_bytes=max_tensor_bytes, expect_dtype=_ID_DTYPES, expect_rank=(2,))
     if ids_t.numel() == 0:
         raise InvalidArgument(f"tensor: empty token ids (shape {list(ids_t.shape)})")
-    check_token_count(ids_t.shape[1], await asyncio.to_thread(_max_positions, tokenizer), max_tensor_bytes, "tensor")
+    check_token_count(ids_t.shape[1], await _position_limit(tokenizer, loaded), max_tensor_bytes, "tensor")
     mask = None
     if request.HasField("attention_mask"):
         _refuse_chunk_fields(request.attention_mask, "attention_mask")

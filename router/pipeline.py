@@ -14,7 +14,6 @@ import logging
 import random
 import secrets
 import time
-from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
 
 import torch
@@ -117,16 +116,11 @@ class Pipeline:
         """What planning must avoid: the request's ``failed`` workers and ejected ones, except that a
         span in panic (too few healthy replicas) keeps its ejected replicas routable, and ejection never
         removes a span's last replica (see OutlierDetector.excluded)."""
-        members: dict[tuple[str, object], list[str]] = defaultdict(list)
-        for worker in self._topology.workers:
-            members[(worker.checksum, worker.span)].append(worker.worker_id)
-        return self.outliers.excluded(members.values(), failed, now)
+        return self.outliers.excluded(self._topology.stage_groups().values(), failed, now)
 
     def stage_members(self, worker: WorkerInfo) -> tuple[str, ...]:
         """Every worker known for ``worker``'s layers and weights (the stage's full membership)."""
-        return tuple(
-            w.worker_id for w in self._topology.workers if w.span == worker.span and w.checksum == worker.checksum
-        ) or (worker.worker_id,)
+        return self._topology.stage_groups().get((worker.checksum, worker.span)) or (worker.worker_id,)
 
     def record_hop_failure(self, worker: WorkerInfo, exc: BaseException, *, request_deadline: float) -> None:
         """Counts an outlier failure of ``worker`` unless it was not the worker's fault (see hop_errors)."""

@@ -23,7 +23,7 @@ from services.errors import FailedPrecondition, ShardmeshError, Unavailable
 from services.layers import LayerSpan
 from services.telemetry import DISCOVERY_STALE, ROUTE_COMPLETE
 from router.peers import WorkerPool
-from router.planning.planner import coverage_problems, plan_route
+from router.planning.planner import coverage_problems, plan_route, stage_groups
 from router.planning.types import RoutePlan, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ RETRY_UNDESCRIBED_S = 0.5  # endpoints whose Describe failed (e.g. still loading
 REDESCRIBE_S = 3.0  # every described worker is asked again this often (one small unary call each)
 UNLISTED_GRACE_S = 30.0  # a worker discovery stopped listing while it still answers SERVING stays this long
 PROBE_TIMEOUT_S = 0.5
+PLAN_MEMO_SIZE = 256
 
 
 class Topology:
@@ -65,6 +66,10 @@ class Topology:
         self._version = 0  # bumped whenever the worker set or a worker's layers/weights change
         self._version_event = asyncio.Event()  # set (and replaced) at each bump: wakes every waiter once
         self._joins: dict[str, int] = {}  # worker id -> times it joined (or re-joined changed) the table
+        # Plans are pure in (table, arguments) and the table is swapped whole: memoised per table object.
+        self._plans: dict[tuple[frozenset[str], int, str | None], RoutePlan] = {}
+        self._plans_for: Mapping[str, WorkerInfo] | None = None
+        self._groups: dict[tuple[str, LayerSpan], tuple[str, ...]] = {}
 
     @property
     def workers(self) -> tuple[WorkerInfo, ...]:
@@ -75,8 +80,14 @@ class Topology:
         return self._snapshot
 
     def plan(self, *, excluded: frozenset[str] = frozenset(), start_layer: int = 0, checksum: str | None = None) -> RoutePlan:
+        """The route for these arguments over the current table; every request plans, so plans are memoised."""
+        table = self._memo_table()
+        key = (excluded, start_layer, checksum)
+        cached = self._plans.get(key)
+        if cached is not None:
+            return cached
         try:
-            return plan_route(self.workers, excluded=excluded, start_layer=start_layer, checksum=checksum)
+            plan = plan_route(table.values(), excluded=excluded, start_layer=start_layer, checksum=checksum)
         except FailedPrecondition as exc:
             lost = self._lost_spans()
             if not lost:
@@ -84,6 +95,22 @@ class Topology:
             # A gap left by workers that served before is an outage, not a misconfiguration.
             detail = "; ".join(f"layers {span} (last served by {', '.join(sorted(ids))})" for span, ids in lost.items())
             raise Unavailable(f"no healthy replica left for {detail}; retry when a replica returns ({exc})") from None
+        if len(self._plans) < PLAN_MEMO_SIZE:  # exclusion sets vary with faults: bound the memo
+            self._plans[key] = plan
+        return plan
+
+    def _memo_table(self) -> Mapping[str, WorkerInfo]:
+        """The current table, with the memos derived from it dropped if it was swapped since."""
+        table = self._workers
+        if table is not self._plans_for:
+            self._plans, self._plans_for = {}, table
+            self._groups = stage_groups(table.values())
+        return table
+
+    def stage_groups(self) -> Mapping[tuple[str, LayerSpan], tuple[str, ...]]:
+        """:func:`stage_groups` of the current table (asked on every request, so memoised with it)."""
+        self._memo_table()
+        return self._groups
 
     def _lost_spans(self) -> dict[LayerSpan, set[str]]:
         live = {w.span for w in self._workers.values()}

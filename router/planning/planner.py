@@ -60,6 +60,14 @@ def plan_route(
     return outcome
 
 
+def stage_groups(workers: Iterable[WorkerInfo]) -> dict[tuple[str, LayerSpan], tuple[str, ...]]:
+    """Worker ids of each (checksum, layer span): every stage's full membership, in table order."""
+    groups: dict[tuple[str, LayerSpan], list[str]] = defaultdict(list)
+    for worker in workers:
+        groups[(worker.checksum, worker.span)].append(worker.worker_id)
+    return {key: tuple(ids) for key, ids in groups.items()}
+
+
 def coverage_problems(workers: Iterable[WorkerInfo], *, excluded: frozenset[str] = frozenset()) -> list[str]:
     """Human-readable reasons the mesh cannot (fully) serve layers 0..total; empty when it can.
 

@@ -29,6 +29,7 @@ tensor 2.0 ms vs 4.4-9.1 ms for ``mmap`` + ``torch.frombuffer().clone()``. Hence
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -162,11 +163,13 @@ def _header(name: str, payload_len: int, pidns: int, bound: bytes, key: bytes) -
     return head + hmac.new(key, name.encode() + b"\0" + head, hashlib.sha256).digest()
 
 
+@functools.lru_cache(maxsize=1024)
 def is_colocated(address: str) -> bool:
     """True when ``address`` (``HOST:PORT``, ``[::1]:PORT`` or a bare host) is a loopback host.
 
     Only then can the peer see this host's ``/dev/shm``. Pure: no name resolution, so a host name
-    other than ``localhost`` counts as remote even if it happens to resolve to this machine.
+    other than ``localhost`` counts as remote even if it happens to resolve to this machine; being
+    pure, it is memoised (it runs on every hop and parses an IP address each time).
     """
     text = address.strip()
     for scheme in ("dns:///", "ipv4:", "ipv6:"):

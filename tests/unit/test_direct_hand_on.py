@@ -17,7 +17,7 @@ import torch
 from router import pipeline as pipeline_module
 from router.pipeline import Pipeline, PipelineSettings
 from router.planning.outlier import OutlierConfig, OutlierDetector
-from router.planning.planner import plan_route
+from router.planning.planner import plan_route, stage_groups
 from router.planning.retry_budget import RetryBudget
 from router.planning.types import WorkerInfo
 from services.errors import Unavailable
@@ -40,6 +40,7 @@ def _pipeline(sent: list[tuple[str, worker_pb2.ForwardRequest]], fail_once: set[
         plan=lambda excluded=frozenset(), start_layer=0, checksum=None: plan_route(
             workers, excluded=excluded, start_layer=start_layer, checksum=checksum),
         joins=lambda worker_id: 0,
+        stage_groups=lambda: stage_groups(workers),
     )
 
     class Stream:

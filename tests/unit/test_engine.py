@@ -180,3 +180,34 @@ async def test_session_steps_and_close_check_the_key(stage: Any) -> None:
     assert (await sessions.step("s", 3, 0, torch.tensor([[4]]), None, b"owner")).shape == (1, 1, 512)
     assert sessions.close("s", b"owner")
     engine.close()
+
+
+async def test_every_way_out_gives_the_admission_slot_back_exactly_once(stage: Any) -> None:
+    """The slot is returned on the loop after a result, and by the compute's completion for a caller that
+    left: a failing job, a queued job whose caller left, a running one whose caller left, a finished one."""
+    engine = StageEngine(stage, "w-test", max_inflight=2)
+
+    def fails() -> None:
+        raise ValueError("the job failed")
+
+    with pytest.raises(ValueError):
+        await engine.run(fails, None)
+    assert engine.inflight == 0
+    release, order = threading.Event(), []
+    running = asyncio.create_task(engine.run(_blocker(release, order, "running"), None))
+    await asyncio.sleep(0.05)
+    queued = asyncio.create_task(engine.run(_blocker(release, order, "queued"), None))
+    await asyncio.sleep(0.05)
+    assert engine.inflight == 2
+    queued.cancel()
+    running.cancel()
+    await asyncio.sleep(0.05)
+    assert engine.inflight == 1  # the queued one never starts; the running one holds its slot until it ends
+    release.set()
+    for _ in range(100):
+        if engine.inflight == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.inflight == 0 and order == ["running"]
+    assert (await engine.run(lambda: 3, None)).value == 3 and engine.inflight == 0
+    engine.close()

@@ -14,7 +14,7 @@ import torch
 from router.generation import GenerationService
 from router.pipeline import Pipeline, PipelineSettings
 from router.planning.outlier import OutlierDetector
-from router.planning.planner import plan_route
+from router.planning.planner import plan_route, stage_groups
 from router.planning.retry_budget import RetryBudget
 from router.planning.types import WorkerInfo
 from services.errors import NotFound
@@ -40,6 +40,9 @@ class FakeMesh:
 
     def plan(self, *, excluded: frozenset[str] = frozenset(), checksum: str | None = None, start_layer: int = 0) -> Any:
         return plan_route(self.workers, excluded=excluded, checksum=checksum, start_layer=start_layer)
+
+    def stage_groups(self) -> Any:
+        return stage_groups(self.workers)
 
     async def call(self, chosen: list[WorkerInfo], call_id: str, x: torch.Tensor, mask: Any, checksum: str,
                    deadline: float, session: tuple[str, int] | None = None, session_key: bytes = b"",

@@ -14,6 +14,7 @@ from router.pipeline import Pipeline, PipelineSettings
 from router.planning.outlier import OutlierConfig, OutlierDetector
 from router.planning.retry_budget import RetryBudget
 from router.planning.types import WorkerInfo
+from router.planning.planner import stage_groups
 from services.gen.shardmesh.v1 import worker_pb2
 from services.layers import LayerSpan
 
@@ -23,7 +24,7 @@ B = WorkerInfo("b", "127.0.0.1:2", "m", "llama", LayerSpan(0, 6), 6, "sum")
 
 def _pipeline(hedge_after_s: float, delays: dict[str, float], outcomes: dict[str, str]) -> Pipeline:
     pipeline = Pipeline(
-        SimpleNamespace(workers=(A, B)),  # type: ignore[arg-type]
+        SimpleNamespace(workers=(A, B), stage_groups=lambda: stage_groups((A, B))),  # type: ignore[arg-type]
         None,  # type: ignore[arg-type]
         PipelineSettings(hop_timeout_s=1.0, max_attempts=3, hedge_after_s=hedge_after_s),
         OutlierDetector(OutlierConfig(consecutive_failures=1)),
@@ -105,7 +106,7 @@ async def test_answers_that_lose_the_race_free_their_shared_memory() -> None:
 def test_fixed_hedge_delay_ignores_the_recent_p95() -> None:
     adaptive = _pipeline(0.001, {}, {})
     fixed = Pipeline(
-        SimpleNamespace(workers=(A, B)),  # type: ignore[arg-type]
+        SimpleNamespace(workers=(A, B), stage_groups=lambda: stage_groups((A, B))),  # type: ignore[arg-type]
         None,  # type: ignore[arg-type]
         PipelineSettings(hop_timeout_s=1.0, max_attempts=3, hedge_after_s=0.001, hedge_fixed=True),
         OutlierDetector(),

@@ -12,7 +12,7 @@ import pytest
 from router.pipeline import Pipeline, PipelineSettings
 from router.planning.hop_errors import counts_against_worker, is_lost_session, may_fail_over
 from router.planning.outlier import OutlierConfig, OutlierDetector
-from router.planning.planner import plan_route
+from router.planning.planner import plan_route, stage_groups
 from router.planning.retry_budget import RetryBudget
 from router.planning.types import WorkerInfo
 from services.errors import (
@@ -34,7 +34,7 @@ def _worker(worker_id: str, start: int, end: int) -> WorkerInfo:
 
 
 def _pipeline(workers: list[WorkerInfo], **config: float) -> Pipeline:
-    topology = SimpleNamespace(workers=tuple(workers))
+    topology = SimpleNamespace(workers=tuple(workers), stage_groups=lambda: stage_groups(workers))
     outliers = OutlierDetector(OutlierConfig(consecutive_failures=2, **config))  # type: ignore[arg-type]
     return Pipeline(topology, None, PipelineSettings(hop_timeout_s=1.0, max_attempts=3), outliers, RetryBudget())  # type: ignore[arg-type]
 

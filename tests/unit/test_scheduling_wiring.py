@@ -13,6 +13,7 @@ from router.planning.outlier import OutlierConfig, OutlierDetector
 from router.planning.retry_budget import RetryBudget
 from router.planning.types import WorkerInfo
 from router.scheduling.context import hop_priority, set_default_level
+from router.planning.planner import stage_groups
 from services.gen.shardmesh.v1 import worker_pb2
 from services.layers import LayerSpan
 
@@ -27,7 +28,7 @@ def _pipeline(sent: list[worker_pb2.ForwardRequest]) -> Pipeline:
             return worker_pb2.ForwardResponse()
 
     return Pipeline(
-        SimpleNamespace(workers=(A, B)),  # type: ignore[arg-type]
+        SimpleNamespace(workers=(A, B), stage_groups=lambda: stage_groups((A, B))),  # type: ignore[arg-type]
         SimpleNamespace(stream_to=lambda worker: Stream()),  # type: ignore[arg-type]
         PipelineSettings(hop_timeout_s=10.0, max_attempts=1, hedge_after_s=0.0, use_shm=False),
         OutlierDetector(OutlierConfig()),

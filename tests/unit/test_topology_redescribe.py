@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 from types import MappingProxyType
 
+import pytest
+
 from router.planning.types import WorkerInfo
 from router.topology import Topology
 from services.discovery.base import DiscoverySnapshot, Endpoint, SnapshotPublisher
+from services.errors import Unavailable
 from services.layers import LayerSpan
 
 
@@ -83,6 +86,33 @@ async def test_a_meta_change_is_described_again_at_once() -> None:
         await _until(topology, {"a:1": (3, 6), "b:1": (0, 3)}, 2)
         assert topology.redescribes == 2 and topology.is_complete()
         assert changes[-1] == ["a:1-3-6", "b:1-0-3"]  # reported as joined: a clean outlier record
+    finally:
+        await topology.close()
+
+
+async def test_plans_and_stage_groups_follow_the_table_they_were_memoised_with() -> None:
+    """Every request plans, so plans are memoised per table: a changed table must never serve an old plan."""
+    discovery, pool = FakeDiscovery(), FakePool()
+    pool.spans = {"a:1": (0, 3), "b:1": (3, 6), "c:1": (3, 6)}
+    await discovery.publisher.publish(tuple(_endpoint(a, f"{s}:{e}") for a, (s, e) in pool.spans.items()))
+    topology = Topology(discovery, pool, redescribe_s=3600)
+    await topology.start()
+    try:
+        await _until(topology, {"a:1": (0, 3), "b:1": (3, 6), "c:1": (3, 6)}, 1)
+        first = topology.plan()
+        assert topology.plan() is first  # memoised
+        avoiding_b = topology.plan(excluded=frozenset({"b:1-3-6"}))
+        assert [r.worker_id for r in avoiding_b.stages[1].replicas] == ["c:1-3-6"]
+        assert topology.stage_groups()[("c", LayerSpan(3, 6))] == ("b:1-3-6", "c:1-3-6")
+        pool.spans = {"a:1": (0, 3), "b:1": (3, 6), "c:1": (0, 3)}  # c restarted with the other half
+        await discovery.publisher.publish(tuple(_endpoint(a, f"{s}:{e}") for a, (s, e) in pool.spans.items()))
+        await _until(topology, {"a:1": (0, 3), "b:1": (3, 6), "c:1": (0, 3)}, 2)
+        after = topology.plan()
+        assert after is not first
+        assert sorted(r.worker_id for r in after.stages[0].replicas) == ["a:1-0-3", "c:1-0-3"]
+        assert topology.stage_groups()[("c", LayerSpan(3, 6))] == ("b:1-3-6",)
+        with pytest.raises(Unavailable):
+            topology.plan(excluded=frozenset({"b:1-3-6"}))  # the memoised plan through c is gone
     finally:
         await topology.close()
 
