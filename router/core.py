@@ -19,6 +19,7 @@ from services.logging_json import REQUEST_ID, request_scope
 from services.telemetry import INFLIGHT, LATENCY, REQUESTS
 from services.wire import codec
 from router.generation import GenerationService
+from router.infer_batches import InferBatcher, InferItem
 from router.inputs import TokenizerCache, encode_text, request_inputs, resolve_mode
 from router.pipeline import Pipeline
 from router.result_cache import ResultCache, result_key
@@ -48,6 +49,8 @@ class RouterCore:
         generation: GenerationService | None = None,
         result_cache: ResultCache | None = None,
         scheduling: SchedulerSettings | None = None,
+        coalesce: int = 0,
+        coalesce_depth: int = 0,
     ) -> None:
         self.topology = topology
         self.pipeline = pipeline
@@ -58,6 +61,10 @@ class RouterCore:
         self.inflight = 0
         self.generation = generation
         self.result_cache = result_cache  # --cache-mb; None = off
+        self.batcher = (  # --coalesce; None = off
+            InferBatcher(pipeline, max_rows=coalesce, depth=coalesce_depth, stages=lambda: len(topology.stage_groups()))
+            if coalesce else None
+        )
         self._tokenizer_model = tokenizer_model
         self._tokenizers = TokenizerCache(lambda model: load_tokenizer(resolve_model(model)))
         self._claimed: set[tuple[str, str]] = set()  # (kind, client id) of requests in flight
@@ -173,8 +180,12 @@ class RouterCore:
         async with self.scheduler.slot(self.scheduler.ticket("infer", priority, tenant), deadline):
             if tracing.enabled():
                 tracing.current().event("dequeued", {"shardmesh.ms_since_start": 1000 * (time.monotonic() - started)})
-            with hop_priority(priority):
-                result = await self.pipeline.run(request_id, ids, mask, deadline, relay=mode == tensor_pb2.MODE_RELAY)
+            relay = mode == tensor_pb2.MODE_RELAY
+            if self.batcher is not None:
+                result = await self.batcher.run(InferItem(request_id, ids, mask, deadline, relay, priority))
+            else:
+                with hop_priority(priority):
+                    result = await self.pipeline.run(request_id, ids, mask, deadline, relay=relay)
         response = router_pb2.InferResponse(
             request_id=request_id,
             output=result.output_wire if result.output_wire is not None else codec.encode(result.output),

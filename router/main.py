@@ -126,6 +126,8 @@ async def serve(config: RouterConfig, discovery: Discovery | None = None, fault_
         generation=generation,
         scheduling=SchedulerSettings.from_config(config.scheduling),  # --schedule group (docs/scheduling.md)
         result_cache=ResultCache(config.result_cache_bytes, export=True) if config.result_cache_bytes else None,
+        coalesce=config.coalesce,
+        coalesce_depth=config.coalesce_depth,
     )
     charge = (lambda: auth.charge(CURRENT_TENANT.get())) if auth is not None else None
     servicer = RouterServicer(

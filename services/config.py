@@ -29,6 +29,12 @@ def _non_negative(name: str, value: float) -> float:
     return value
 
 
+def _coalesce_rows(value: int) -> int:
+    if value == 1 or value < 0:
+        raise ConfigError(f"--coalesce must be 0 (off) or at least 2 (requests per batch), got {value}")
+    return value
+
+
 def _positive_int(name: str, value: int) -> int:
     _positive(name, value)
     return value
@@ -252,6 +258,8 @@ class RouterConfig:
     scheduling: RouterSchedule = field(default_factory=RouterSchedule)  # --schedule and its group
     tracing: TracingSettings = field(default_factory=TracingSettings)  # --trace-sample-ratio, --otlp-endpoint
     route_wait_s: float = 10.0  # --route-wait-s (router/planning/route_wait.py); 0 = no wait for coverage
+    coalesce: int = 0  # --coalesce: most Infer requests sent as one batch (router/coalescing.py); 0 = off
+    coalesce_depth: int = 0  # --coalesce-depth: groups in flight before requests wait to coalesce; 0 = auto
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> RouterConfig:
@@ -294,4 +302,6 @@ class RouterConfig:
             scheduling=RouterSchedule.from_args(args),
             tracing=TracingSettings.from_args(args, env),
             route_wait_s=_non_negative("--route-wait-s", getattr(args, "route_wait_s", 10.0)),
+            coalesce=_coalesce_rows(getattr(args, "coalesce", 0)),
+            coalesce_depth=int(_non_negative("--coalesce-depth", getattr(args, "coalesce_depth", 0))),
         )

@@ -177,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     bal.add_argument("--cache-mb", type=float, default=0.0,
                      help="Infer result cache size in MiB, LRU, keyed by model checksum, token ids and mask "
                           "(0 = off); a hit answers with the stored output, an empty route and attempts 0")
+    cb = r.add_argument_group("coalescing: router-side batching (see docs/architecture.md)")
+    cb.add_argument("--coalesce", type=int, default=0, metavar="N",
+                    help="send Infer requests that wait for the pipeline as one batch of up to N (one message per hop "
+                         "instead of N; cuts per-message CPU on small hosts). A request goes alone while fewer than "
+                         "--coalesce-depth batches are in flight. Batched outputs are within the batching bound, not "
+                         "bit-identical (docs/architecture.md). 0 = off (default)")
+    cb.add_argument("--coalesce-depth", type=int, default=0, metavar="D",
+                    help="--coalesce: batches in flight before requests wait to be coalesced; 0 = the route's stage "
+                         "count + 1")
     sc = r.add_argument_group("scheduling (see docs/scheduling.md)")
     sc.add_argument("--schedule", choices=["fcfs", "priority", "mlfq", "fair"], default="fcfs",
                     help="order of requests waiting for a pipeline slot: fcfs = arrival (a generation holds its slot "
