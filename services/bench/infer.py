@@ -192,11 +192,12 @@ async def run_batched_mesh(
     progress: Progress,
 ) -> tuple[list[Outcome], dict[int, dict[str, float]]]:
     """mesh-direct with every worker at ``--max-batch-size max_batch_size`` (and ``plan.max_queue_delay_us``;
-    0: continuous batching), at every concurrency level; also returns, per level, the hop batch sizes the
-    workers reported."""
+    0: continuous batching) and, with ``plan.coalesce``, the router at ``--coalesce max_batch_size``, at every
+    concurrency level; also returns, per level, the hop batch sizes the workers reported."""
     base = mesh_spec(workload, plan.worker_threads)
     batching = ("--max-batch-size", str(max_batch_size), "--max-queue-delay-us", str(plan.max_queue_delay_us))
-    spec = dataclasses.replace(base, worker_args=(*base.worker_args, *batching))
+    coalesce = ("--coalesce", str(max_batch_size)) if plan.coalesce and max_batch_size > 1 else ()
+    spec = dataclasses.replace(base, worker_args=(*base.worker_args, *batching), router_args=(*base.router_args, *coalesce))
     system = batched_system(max_batch_size)
     mesh = LocalMesh(spec)
     outcomes: list[Outcome] = []
@@ -341,6 +342,7 @@ def _settings(plan: BenchPlan) -> dict[str, object]:
         "workloads": [dataclasses.asdict(w) for w in plan.workloads],
         "batching_max_batch_sizes": list(plan.batch_sizes),
         "batching_max_queue_delay_us": plan.max_queue_delay_us,
+        "batching_router_coalesce": plan.coalesce,
         "rounds": plan.rounds,
     }
 

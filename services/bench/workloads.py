@@ -18,6 +18,9 @@ WORKER_THREADS_ENV = "SHARDMESH_BENCH_WORKER_THREADS"
 # Env override for the batched mesh's workers' --max-queue-delay-us (--batching only; default 0 = continuous
 # batching): how long a stage waits for a fuller batch, to measure that trade at 16 clients.
 QUEUE_DELAY_ENV = "SHARDMESH_BENCH_MAX_QUEUE_DELAY_US"
+# Env override (--batching only): 1 (default) = the batched mesh's router also runs --coalesce N (N = the
+# workers' --max-batch-size), so waiting requests share one message per hop; 0 = worker batching alone.
+COALESCE_ENV = "SHARDMESH_BENCH_COALESCE"
 # Environment for every child process (mesh workers, router, rpc processes). torch's OpenMP (libgomp)
 # threads spin-wait after each parallel region; with three stage processes on 2 cores the idle stages'
 # spinning steals the cores from the one computing (measured: minilm mesh p50 344 ms instead of 37 ms
@@ -97,6 +100,7 @@ class BenchPlan:
     # Empty = the ordinary suite.
     batch_sizes: tuple[int, ...] = ()
     max_queue_delay_us: int = 0  # the batched mesh's workers' --max-queue-delay-us (QUEUE_DELAY_ENV)
+    coalesce: bool = True  # the batched mesh's router coalesces waiting requests too (COALESCE_ENV)
     rounds: int = 1  # the ordinary suite runs every system this many times, interleaved (--rounds)
 
 
@@ -122,6 +126,15 @@ def _env_int(environ: Mapping[str, str], name: str, default: int, minimum: int) 
     if not raw.isdigit() or int(raw) < minimum:
         raise ConfigError(f"${name}: expected an integer >= {minimum}, got {raw!r}")
     return int(raw)
+
+
+def _default_worker_threads(workloads: tuple[Workload, ...], cpu_count: int, batching: bool) -> int:
+    """One per core, like the single-process reference; but the --batching suite measures throughput with
+    every stage busy at once, so there the host's cores are shared out between its stages (on 2 cores, 3
+    stages of 2 threads each oversubscribe them: 16-client throughput 57 req/s against 79 with 1 thread)."""
+    if not batching:
+        return max(1, cpu_count)
+    return max(1, cpu_count // max(len(w.split) for w in workloads))
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -162,7 +175,7 @@ def build_plan(
     return BenchPlan(
         workloads=workloads,
         concurrency=levels,
-        worker_threads=_env_int(environ, WORKER_THREADS_ENV, max(1, cpu_count), 1),
+        worker_threads=_env_int(environ, WORKER_THREADS_ENV, _default_worker_threads(workloads, cpu_count, bool(batching)), 1),
         child_env=tuple(CHILD_ENV.items()),
         single_threads=tuple(sorted({1, max(1, cpu_count)})),
         # The shm variant only in full runs: it is the slower one to run on 2 cores and adds ~40 s per workload.
@@ -170,5 +183,6 @@ def build_plan(
         quick=quick,
         batch_sizes=parse_batch_sizes(batching) if batching else (),
         max_queue_delay_us=_env_int(environ, QUEUE_DELAY_ENV, 0, 0),
+        coalesce=bool(_env_int(environ, COALESCE_ENV, 1, 0)),
         rounds=rounds or (1 if quick or batching else DEFAULT_ROUNDS),
     )

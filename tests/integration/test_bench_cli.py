@@ -4,6 +4,7 @@ says why not), rows pooling both rounds with the per-round spread, JSON and plot
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,19 @@ def test_bench_quick_writes_json_and_plot(tmp_path: Path) -> None:
     assert out_png.stat().st_size > 10_000 and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| system |" in "\n".join(proc.stdout) and "p50 / single per round" in "\n".join(proc.stdout)
     assert sum("round 2 of 2" in line for line in proc.stderr + proc.stdout) >= 1
+
+
+@pytest.mark.timeout(300)
+def test_bench_batching_quick_runs_the_coalescing_router(tmp_path: Path) -> None:
+    """``--batching``: the batched mesh's router coalesces (--coalesce) and its workers batch; every output
+    stays within the batching bound of the single process, and the suite records what it ran."""
+    out_json = tmp_path / "batching.json"
+    proc = Proc([*CLI, "bench", "infer", "--quick", "--batching", "1,4", "--json", str(out_json)])
+    code = proc.wait(280)
+    assert code == 0, "\n".join(proc.stderr[-40:])
+    doc = json.loads(out_json.read_text())
+    settings = doc["settings"]
+    assert settings["batching_router_coalesce"] is True and settings["batching_max_batch_sizes"] == [1, 4]
+    rows = [r for r in doc["results"] if r["system"] != "single"]
+    assert len(rows) == 4 and all("error" not in r and r["matches_single"] is True for r in rows), rows
+    assert {r["threads"] for r in rows} == {max(1, (os.cpu_count() or 1) // 3)}  # the cores shared by 3 stages

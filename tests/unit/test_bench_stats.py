@@ -136,6 +136,15 @@ def test_plan_queue_delay_for_the_batched_mesh() -> None:
                        environ={"SHARDMESH_BENCH_MAX_QUEUE_DELAY_US": bad}, batching="8")
 
 
+def test_plan_batched_mesh_threads_and_coalescing() -> None:
+    plan = lambda env, cpus=2: build_plan(quick=False, requests=0, concurrency="1,8", cpu_count=cpus, environ=env, batching="1,8")  # noqa: E731
+    assert plan({}).worker_threads == 1 and plan({}, cpus=8).worker_threads == 2  # the cores shared by 3 stages
+    assert plan({"SHARDMESH_BENCH_WORKER_THREADS": "2"}).worker_threads == 2
+    assert plan({}).coalesce and not plan({"SHARDMESH_BENCH_COALESCE": "0"}).coalesce
+    with pytest.raises(ConfigError, match="SHARDMESH_BENCH_COALESCE"):
+        plan({"SHARDMESH_BENCH_COALESCE": "yes"})
+
+
 def test_plan_rounds() -> None:
     plan = lambda **kw: build_plan(requests=0, concurrency="1", cpu_count=2, environ={}, **kw)  # noqa: E731
     assert plan(quick=False).rounds == 3 and plan(quick=True).rounds == 1 and plan(quick=False, batching="8").rounds == 1
