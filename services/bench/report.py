@@ -94,9 +94,11 @@ def plot(rows: Sequence[BenchRow], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r.model for r in rows))
-    systems = [s for s in SYSTEMS if any(r.system == s for r in rows)]
+    # The known systems in their usual order, then any others (--batching: "mesh-direct batch<=8", ...) as they come.
+    systems = list(dict.fromkeys([*(s for s in SYSTEMS if any(r.system == s for r in rows)), *(r.system for r in rows)]))
     fig, axes = plt.subplots(2, len(models), figsize=(6.5 * len(models), 8), squeeze=False)
-    colors = dict(zip(SYSTEMS, ("#7f7f7f", "#1f77b4", "#2ca02c", "#d62728", "#ff9896")))
+    palette = ("#7f7f7f", "#1f77b4", "#2ca02c", "#d62728", "#ff9896", "#9467bd", "#8c564b", "#e377c2", "#bcbd22")
+    colors = {s: palette[i % len(palette)] for i, s in enumerate([*SYSTEMS, *(s for s in systems if s not in SYSTEMS)])}
     width = 0.8 / max(1, len(systems))
     for col, model in enumerate(models):
         model_rows = [r for r in rows if r.model == model]

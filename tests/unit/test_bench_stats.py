@@ -195,3 +195,27 @@ def test_background_cores_subtracts_own_cpu() -> None:
     assert background_cores(before, after) == pytest.approx(1.5)  # (6 - 3) s of others' CPU over 2 s
     assert background_cores(None, after) is None
     assert snapshot() is not None  # Linux /proc is readable here
+
+
+def test_the_plot_draws_batching_systems_too(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """--batching rows are named "mesh-direct batch<=8" etc.: the plot must draw them, not only the single process."""
+    import matplotlib.axes
+
+    from services.bench.report import plot
+
+    drawn: list[str] = []
+    real_bar = matplotlib.axes.Axes.bar
+
+    def bar(self, x, height, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.get("label"):
+            drawn.append(kwargs["label"])
+        return real_bar(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    workload = Workload("minilm", 1, 14, ("0:2", "2:4", "4:6"), requests=2, warmup=0, request_timeout_s=1.0)
+    single = _measurement([10.0, 10.0], wall_s=0.02)
+    sizes = WireSizes(1, 1, 1, 1)
+    rows = [stats.summarise(Outcome(name, 16, _measurement([5.0, 5.0], wall_s=0.01), 1), single, workload, sizes)
+            for name in ("single", "mesh-direct unbatched", "mesh-direct batch<=8")]
+    plot(rows, tmp_path / "p.png")
+    assert set(drawn) == {"single", "mesh-direct unbatched", "mesh-direct batch<=8"}
