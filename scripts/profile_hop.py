@@ -88,6 +88,7 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--clients", type=int, default=1, help="closed-loop clients sending at once")
     parser.add_argument("--worker-args", default="--threads 1", help="extra worker flags, e.g. '--max-batch-size 8'")
+    parser.add_argument("--router-args", default="", help="extra router flags, e.g. '--coalesce 8'")
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="shardmesh-profile-")))
     args = parser.parse_args()
     if shutil.which("py-spy") is None:
@@ -99,7 +100,7 @@ def main() -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     config = {"model": args.model, "mode": args.mode, "workers": [{"layers": s} for s in args.stages.split(",")],
-              "worker_args": args.worker_args.split()}
+              "worker_args": args.worker_args.split(), "router_args": args.router_args.split()}
     cfg = args.out / "mesh.yaml"
     cfg.write_text(yaml.safe_dump(config))
     up = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up", str(cfg)], cwd=REPO, text=True,

@@ -145,6 +145,8 @@ class OutlierDetector:
         still use is ejected they stay routable too: ejection alone never removes a span's last replica.
         """
         failed = frozenset(failed)
+        if not failed and all(s.ejected_until is None for s in self._states.values()):
+            return failed  # the common case, on every request: nothing failed, nobody ejected
         out = set(failed)
         for members in stages:
             usable = [r for r in self.eligible(members, now) if r not in failed]
