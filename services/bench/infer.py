@@ -88,8 +88,7 @@ class _Baseline:
 def _baseline(workload: Workload, plan: BenchPlan, say: Progress) -> _Baseline:
     source = resolve_model(workload.model)
     ids, mask = make_inputs(workload, source.vocab_size)
-    say(f"single process, {workload.requests} requests back to back")
-    single, reference, single_threads = run_single(workload, ids, mask, plan.single_threads, plan.start_timeout_s, say)
+    single, reference, single_threads = _measure_single(workload, plan, ids, mask, say)
     sizes = WireSizes(
         ids_bytes=ids.nbytes,
         mask_bytes=mask.nbytes,
@@ -101,6 +100,14 @@ def _baseline(workload: Workload, plan: BenchPlan, say: Progress) -> _Baseline:
         for level in plan.concurrency
     ]
     return _Baseline(ids, mask, single, reference, sizes, outcomes)
+
+
+def _measure_single(
+    workload: Workload, plan: BenchPlan, ids: torch.Tensor, mask: torch.Tensor, say: Progress
+) -> tuple[Measurement, torch.Tensor, int]:
+    """The single process, back to back, at its faster thread count: (measurement, output, threads)."""
+    say(f"single process, {workload.requests} requests back to back")
+    return run_single(workload, ids, mask, plan.single_threads, plan.start_timeout_s, say)
 
 
 def _progress_for(workload: Workload, progress: Progress) -> Progress:
@@ -117,8 +124,7 @@ def _systems_once(
     for name in order:
         if name == SYSTEM_SINGLE:
             if not first_round:
-                say(f"single process, {workload.requests} requests back to back")
-                single, _, threads = run_single(workload, base.ids, base.mask, plan.single_threads, plan.start_timeout_s, say)
+                single, _, threads = _measure_single(workload, plan, base.ids, base.mask, say)
         elif name == "mesh":
             try:
                 outcomes += asyncio.run(run_mesh(workload, plan, base.ids, base.mask, base.reference, base.sizes, say))
@@ -154,23 +160,24 @@ def run_workload(workload: Workload, plan: BenchPlan, progress: Progress) -> lis
         rounds.append(outcomes)
     keys = list(dict.fromkeys((o.system, o.concurrency) for o in rounds[0]))
     single_rounds = [dataclasses.replace(base.outcomes[0], measurement=m) for m in singles]
+    single_all = pool_rounds(single_rounds).measurement  # every ratio's reference: all rounds' single requests
+    assert single_all is not None
     rows = []
     for outcome in base.outcomes:  # the single process's rows (one per level, the same measurements)
         per_round = [dataclasses.replace(o, concurrency=outcome.concurrency, note=outcome.note) for o in single_rounds]
-        row = _pooled_row(per_round, singles, workload, base.sizes, plan.rounds)
+        row = _pooled_row(per_round, singles, single_all, workload, base.sizes, plan.rounds)
         rows.append(row if plan.rounds < 2 else dataclasses.replace(row, extra={**row.extra, "threads_per_round": single_threads}))
     for key in keys:
         per_round = [next(o for o in outcomes if (o.system, o.concurrency) == key) for outcomes in rounds]
-        rows.append(_pooled_row(per_round, singles, workload, base.sizes, plan.rounds))
+        rows.append(_pooled_row(per_round, singles, single_all, workload, base.sizes, plan.rounds))
     return rows
 
 
 def _pooled_row(
-    per_round: list[Outcome], singles: list[Measurement], workload: Workload, sizes: WireSizes, rounds: int
+    per_round: list[Outcome], singles: list[Measurement], single_all: Measurement, workload: Workload,
+    sizes: WireSizes, rounds: int,
 ) -> BenchRow:
     """The row of one system at one level over the rounds, with the per-round spread in ``extra`` (2+ rounds)."""
-    single_all = pool_rounds([Outcome(SYSTEM_SINGLE, 1, m, 1) for m in singles]).measurement
-    assert single_all is not None
     row = summarise(pool_rounds(per_round), single_all, workload, sizes)
     if rounds < 2:
         return row
