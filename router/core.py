@@ -109,7 +109,7 @@ class RouterCore:
                 self._claimed.discard(key)
 
     def _tokenizer_model_id(self) -> str | None:
-        """--tokenizer-model, else the model the workers serve (None while no worker is known)."""
+        """The router's --model, else the model the workers serve (None while no worker is known)."""
         if self._tokenizer_model is not None:
             return self._tokenizer_model
         workers = self.topology.workers
