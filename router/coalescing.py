@@ -32,7 +32,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: leaving the queue must remove this waiter, not an equal one
 class _Waiter(Generic[T, R]):
     key: Hashable
     item: T
