@@ -41,6 +41,7 @@ from services.models.prefix_cache import DEFAULT_BLOCK_TOKENS, PrefixCache, join
 from services.telemetry import (
     KV_CACHE_BUDGET_BYTES, KV_CACHE_BYTES, KV_CACHE_PREFIX_BYTES, SESSIONS, SESSIONS_EXPIRED, observe_batch, step_kind, watch,
 )
+from shard_worker.cohorts import DecodeCohorts
 from shard_worker.engine import StageEngine
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,12 @@ PREFILL_PAD_TOKENS = 32  # padding bound of a batched prefill row: max(this, a q
 # A replay (ForwardRequest.replay_step_lengths) runs its steps in compute jobs of about this long: one queue
 # wait per job instead of one per step, while other requests still get the compute thread between its jobs.
 REPLAY_JOB_S = 0.02
+# Before a decode batch starts, it waits for the sessions :mod:`shard_worker.cohorts` expects, at most this
+# share of the last decode batch's compute time and never more than DECODE_GATHER_MAX_S: a wait no longer
+# than the batch it saves (a step of a few rows costs about what a one-row step does). A cohort's steps come
+# back within a few ms of each other; a lone session never waits.
+DECODE_GATHER_SHARE = 1.0
+DECODE_GATHER_MAX_S = 0.05
 
 
 @dataclass
@@ -125,7 +132,10 @@ class SessionService:
         self._batching = batching
         self._order: dict[str, asyncio.Lock] = {}
         self._queue: list[_Decode] = []
-        self._queue_lock = threading.Lock()  # the compute thread takes the queue; the loop appends
+        # The compute thread takes the queue (after waiting for cohorts); the loop appends and notifies.
+        self._queue_lock = threading.Condition()
+        self._cohorts = DecodeCohorts()
+        self._decode_s = 0.0  # compute time of the last decode batch (sizes the cohort wait)
         self._prefills: list[_Prefill] = []
         self.prefill_batches = 0  # forward passes that ran more than one prefill
         self.prefix_tokens_reused = 0
@@ -225,6 +235,7 @@ class SessionService:
         item = _Decode(x, cache, position, asyncio.get_running_loop().create_future())
         with self._queue_lock:
             self._queue.append(item)
+            self._queue_lock.notify()
             schedule = not self._drain_scheduled
             self._drain_scheduled = True
         if schedule:
@@ -235,16 +246,25 @@ class SessionService:
         """One compute job that takes every decode step queued by the time it starts (continuous batching)."""
         stage = self._stage
 
-        def job() -> tuple[list[_Decode], list[torch.Tensor] | BaseException]:
+        def job() -> tuple[list[_Decode], list[torch.Tensor] | BaseException, bool]:
             with self._queue_lock:
+                self._gather_cohorts()
                 batch, self._queue = self._queue[:MAX_DECODE_BATCH], self._queue[MAX_DECODE_BATCH:]
-                self._drain_scheduled = bool(self._queue)
+                # Steps left over (more than one batch) are this drain's to schedule; a step that arrives
+                # from now on schedules its own.
+                leftover = self._drain_scheduled = bool(self._queue)
+                self._cohorts.ran((d.cache.session_id for d in batch), time.monotonic())
+            if not batch:
+                return batch, [], leftover
             observe_batch("decode", len(batch))  # every session's step in one forward pass
+            began = time.monotonic()
             try:
                 with intra_op_threads(DECODE_THREADS):
-                    return batch, stage.step_batch([(d.x, d.cache, d.position) for d in batch])
+                    return batch, stage.step_batch([(d.x, d.cache, d.position) for d in batch]), leftover
             except BaseException as exc:  # noqa: BLE001 - delivered to each waiting step below
-                return batch, exc
+                return batch, exc, leftover
+            finally:
+                self._decode_s = time.monotonic() - began
 
         try:
             result = await self._engine.run(job, None, decode=True)
@@ -256,10 +276,10 @@ class SessionService:
                 if not item.done.done():
                     item.done.set_exception(exc)
             return
-        batch, outputs = result.value  # type: ignore[misc]
-        if self._drain_scheduled:
+        batch, outputs, leftover = result.value  # type: ignore[misc]
+        if leftover:
             asyncio.create_task(self._drain())
-        self.batches_run += 1
+        self.batches_run += bool(batch)
         self.batched_steps += len(batch)
         for i, item in enumerate(batch):
             if item.done.done():
@@ -268,6 +288,19 @@ class SessionService:
                 item.done.set_exception(outputs)
             else:
                 item.done.set_result(outputs[i])
+
+    def _gather_cohorts(self) -> None:
+        """In the compute thread, holding the queue lock: waits (bounded) for the sessions the queued steps'
+        cohorts expect (:class:`DecodeCohorts`), so a group that ran together stays one batch at every stage."""
+        start = time.monotonic()
+        deadline = start + min(DECODE_GATHER_MAX_S, DECODE_GATHER_SHARE * self._decode_s)
+        while len(self._queue) < MAX_DECODE_BATCH and self._cohorts.awaited(
+            (d.cache.session_id for d in self._queue), start, deadline
+        ):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._queue_lock.wait(remaining)
 
     async def _prefill(self, x: torch.Tensor, cache: SessionCache, deadline: float | None) -> torch.Tensor:
         """Queues this prefill; the first compute job to start runs every prefill queued by then.
@@ -351,6 +384,8 @@ class SessionService:
         """Frees the session; PermissionDenied (and nothing freed) if ``key`` is not its owner's."""
         existed = self.store.close(session_id, key)
         self._order.pop(session_id, None)
+        with self._queue_lock:
+            self._cohorts.forget(session_id)
         return existed
 
     def begin_drain(self) -> None:
@@ -372,6 +407,8 @@ class SessionService:
             await asyncio.sleep(EXPIRY_INTERVAL_S)
             for session_id in self.store.expire(time.monotonic()):
                 self._order.pop(session_id, None)
+                with self._queue_lock:
+                    self._cohorts.forget(session_id)
                 SESSIONS_EXPIRED.inc()
                 log.info("session %s expired (idle past its TTL); cache freed", session_id)
 

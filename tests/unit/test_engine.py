@@ -211,3 +211,54 @@ async def test_every_way_out_gives_the_admission_slot_back_exactly_once(stage: A
     assert engine.inflight == 0 and order == ["running"]
     assert (await engine.run(lambda: 3, None)).value == 3 and engine.inflight == 0
     engine.close()
+
+
+async def test_a_cohort_of_sessions_stays_one_decode_batch_when_its_steps_arrive_apart(
+    stage: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions that ran in one decode batch run as one again when their next steps arrive a few ms apart
+    (as a previous stage's answers reach the router one by one), instead of the first running alone; a
+    session that does not come back costs one bounded wait. Every decode job runs a step (none empty)."""
+    import shard_worker.sessions as sessions_module
+
+    monkeypatch.setattr(sessions_module, "DECODE_GATHER_SHARE", 1000.0)  # wait up to DECODE_GATHER_MAX_S (50 ms)
+    engine = StageEngine(stage, "w-test", max_inflight=8)
+    sessions = SessionService(stage, engine, budget_bytes=64 << 20, default_ttl_s=60, batching=True)
+    jobs = 0
+    run = engine.run
+
+    async def counted(job: Any, deadline: float | None, **kw: Any) -> Any:
+        nonlocal jobs
+        jobs += kw.get("decode", False)
+        return await run(job, deadline, **kw)
+
+    monkeypatch.setattr(engine, "run", counted)
+    names = ["a", "b", "c", "d"]
+    for name in names:
+        await sessions.step(name, 0, 0, torch.tensor([[1, 2, 3]]), None, b"k")
+    positions = dict.fromkeys(names, 3)
+
+    async def step(name: str, delay_s: float) -> torch.Tensor:
+        await asyncio.sleep(delay_s)
+        out = await sessions.step(name, positions[name], 0, torch.tensor([[4]]), None, b"k")
+        positions[name] += 1
+        return out
+
+    async def one_round(members: list[str], gap_s: float) -> tuple[int, int]:
+        batches, steps = sessions.batches_run, sessions.batched_steps
+        outs = await asyncio.gather(*(step(n, i * gap_s) for i, n in enumerate(members)))
+        assert all(o.shape == (1, 1, 512) for o in outs)
+        return sessions.batches_run - batches, sessions.batched_steps - steps
+
+    assert await one_round(names, 0.0) == (1, 4)  # queued together: one batch, and now one cohort
+    assert await one_round(names, 0.005) == (1, 4)  # 5 ms apart: still one batch (without cohorts: 4 or 2)
+    assert await one_round(names, 0.005) == (1, 4)
+    assert sessions.close("d", b"k")
+    began = time.monotonic()
+    assert await one_round(["a", "b", "c"], 0.0) == (1, 3)  # d closed: nobody waits for it
+    # c does not come back (its generation ended without a close yet): a and b wait once, at most 50 ms.
+    assert await one_round(["a", "b"], 0.0) == (1, 2)
+    assert time.monotonic() - began < 5.0
+    assert jobs == sessions.batches_run  # no decode job ran empty
+    engine.close()
+
