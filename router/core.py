@@ -61,9 +61,8 @@ class RouterCore:
         self.inflight = 0
         self.generation = generation
         self.result_cache = result_cache  # --cache-mb; None = off
-        self.batcher = (  # --coalesce; None = off
-            InferBatcher(pipeline, max_rows=coalesce, depth=coalesce_depth, stages=lambda: len(topology.stage_groups()))
-            if coalesce else None
+        self.batcher = InferBatcher(  # --coalesce (0: every request alone)
+            pipeline, max_rows=coalesce, depth=coalesce_depth, stages=lambda: len(topology.stage_groups())
         )
         self._tokenizer_model = tokenizer_model
         self._tokenizers = TokenizerCache(lambda model: load_tokenizer(resolve_model(model)))
@@ -181,11 +180,7 @@ class RouterCore:
             if tracing.enabled():
                 tracing.current().event("dequeued", {"shardmesh.ms_since_start": 1000 * (time.monotonic() - started)})
             relay = mode == tensor_pb2.MODE_RELAY
-            if self.batcher is not None:
-                result = await self.batcher.run(InferItem(request_id, ids, mask, deadline, relay, priority))
-            else:
-                with hop_priority(priority):
-                    result = await self.pipeline.run(request_id, ids, mask, deadline, relay=relay)
+            result = await self.batcher.run(InferItem(request_id, ids, mask, deadline, relay, priority))
         response = router_pb2.InferResponse(
             request_id=request_id,
             output=result.output_wire if result.output_wire is not None else codec.encode(result.output),

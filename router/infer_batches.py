@@ -74,18 +74,23 @@ def split(result: PipelineResult, rows: int) -> list[PipelineResult]:
 
 
 class InferBatcher:
-    """Sends Infer requests through the pipeline, coalesced into batches of up to ``max_rows`` when they wait."""
+    """Sends Infer requests through the pipeline, coalesced into batches of up to ``max_rows`` when they wait
+    (``max_rows`` 0: --coalesce off, every request goes alone)."""
 
     def __init__(self, pipeline: Pipeline, *, max_rows: int, depth: int, stages: Callable[[], int]) -> None:
         self._pipeline = pipeline
-        self.coalescer: Coalescer[InferItem, PipelineResult] = Coalescer(
-            self._run, max_rows=max_rows, depth=(lambda: depth) if depth > 0 else (lambda: stages() + 1),
-            on_batch=self._count,
+        self.coalescer: Coalescer[InferItem, PipelineResult] | None = (
+            Coalescer(
+                self._run, max_rows=max_rows, depth=(lambda: depth) if depth > 0 else (lambda: stages() + 1),
+                on_batch=self._count,
+            )
+            if max_rows
+            else None
         )
 
     async def run(self, item: InferItem) -> PipelineResult:
-        key = batch_key(item)
-        if key is None:
+        key = batch_key(item) if self.coalescer is not None else None
+        if key is None or self.coalescer is None:
             return await self._run_one(item)
         return await self.coalescer.submit(key, item, item.deadline)
 

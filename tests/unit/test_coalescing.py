@@ -220,3 +220,24 @@ def test_the_router_flags(flags: list[str], expected: tuple[int, int]) -> None:
 def test_bad_router_flags_name_themselves(flags: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         RouterConfig.from_args(build_parser().parse_args(["router", "--workers", "127.0.0.1:1", *flags]), env={})
+
+
+async def test_with_coalescing_off_every_request_goes_alone_under_its_own_id_and_priority() -> None:
+    """--coalesce 0: the router still sends every Infer through InferBatcher (one path), which never groups."""
+    from router.infer_batches import InferBatcher
+    from router.scheduling.context import current_priority
+
+    calls: list[tuple[str, int, bool, int]] = []
+
+    class Pipeline:
+        async def run(self, request_id: str, ids: Any, mask: Any, deadline: float, *, relay: bool) -> str:
+            calls.append((request_id, len(ids.shape), relay, current_priority()))
+            await asyncio.sleep(0.01)
+            return request_id
+
+    batcher = InferBatcher(Pipeline(), max_rows=0, depth=0, stages=lambda: 3)  # type: ignore[arg-type]
+    assert batcher.coalescer is None
+    one = _item([1, 2, 3])  # one key for all of them were coalescing on
+    items = [InferItem(f"r{i}", one.ids, one.mask, _far(), i % 2 == 0, 1 + i % 3) for i in range(6)]
+    assert await asyncio.gather(*(batcher.run(item) for item in items)) == [f"r{i}" for i in range(6)]
+    assert sorted(calls) == [(f"r{i}", 2, i % 2 == 0, 1 + i % 3) for i in range(6)]  # each alone, [1, 3]
