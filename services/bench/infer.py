@@ -114,17 +114,34 @@ def _progress_for(workload: Workload, progress: Progress) -> Progress:
     return lambda message: progress(f"{workload.label}: {message}")
 
 
+_BatchStats = dict[tuple[str, int], dict[str, float]]  # (system, level) -> hop batch sizes of one round
+
+
 def _systems_once(
-    workload: Workload, plan: BenchPlan, base: _Baseline, order: list[str], first_round: bool, say: Progress
+    workload: Workload, plan: BenchPlan, base: _Baseline, order: list[str], first_round: bool, say: Progress,
+    stats: _BatchStats | None = None,
 ) -> tuple[Measurement, int, list[Outcome]]:
-    """One round: every system once, in ``order`` ("single", "mesh", then rpc variants); the round's single
-    measurement and its thread count (the first round's are the baseline's, measured just before) and everyone
-    else's outcomes."""
+    """One round: every system once, in ``order`` ("single", "mesh", rpc variants, or ``batch:N`` for mesh-direct
+    at --max-batch-size N); the round's single measurement and its thread count (the first round's are the
+    baseline's, measured just before) and everyone else's outcomes; a batched mesh's hop batch sizes go to ``stats``."""
     single, threads, outcomes = base.single, base.outcomes[0].threads, []
     for name in order:
         if name == SYSTEM_SINGLE:
             if not first_round:
                 single, _, threads = _measure_single(workload, plan, base.ids, base.mask, say)
+        elif name.startswith(BATCH_PREFIX):
+            size = int(name[len(BATCH_PREFIX):])
+            try:
+                found, by_level = asyncio.run(
+                    run_batched_mesh(workload, plan, size, base.ids, base.mask, base.reference, base.sizes, say)
+                )
+            except Exception as exc:  # noqa: BLE001 - one configuration failing must not lose the others' numbers
+                say(f"{batched_system(size)} failed: {exc}")
+                outcomes += _failed((batched_system(size),), plan, exc, plan.worker_threads)
+                continue
+            outcomes += found
+            if stats is not None:
+                stats.update({(batched_system(size), level): value for level, value in by_level.items()})
         elif name == "mesh":
             try:
                 outcomes += asyncio.run(run_mesh(workload, plan, base.ids, base.mask, base.reference, base.sizes, say))
@@ -143,18 +160,25 @@ def _systems_once(
 def run_workload(workload: Workload, plan: BenchPlan, progress: Progress) -> list[BenchRow]:
     """Every system ``plan.rounds`` times, interleaved: round r runs the systems in an order rotated by r (the
     single process too), so drift in the machine's speed lands on every system alike. A row pools its rounds'
-    requests; ``extra`` keeps each round's p50 and its ratios to the same round's single process (the spread)."""
+    requests; ``extra`` keeps each round's p50 and its ratios to the same round's single process (the spread).
+    With ``plan.batch_sizes`` (``--batching``) the systems are the single process and mesh-direct once per
+    --max-batch-size, and each batched row's ``extra`` also has its hop batch sizes (mean over the rounds)."""
     say = _progress_for(workload, progress)
     base = _baseline(workload, plan, say)
-    systems = [SYSTEM_SINGLE, "mesh", *plan.rpc_systems]
+    if plan.batch_sizes:
+        systems = [SYSTEM_SINGLE, *(f"{BATCH_PREFIX}{size}" for size in plan.batch_sizes)]
+    else:
+        systems = [SYSTEM_SINGLE, "mesh", *plan.rpc_systems]
     singles: list[Measurement] = []
     single_threads: list[int] = []  # the single process picks its faster thread count anew each round
     rounds: list[list[Outcome]] = []
+    stats: list[_BatchStats] = []
     for r in range(plan.rounds):
         order = systems[r % len(systems):] + systems[: r % len(systems)]
         if plan.rounds > 1:
             say(f"round {r + 1} of {plan.rounds}: {', '.join(order)}")
-        single, threads, outcomes = _systems_once(workload, plan, base, order, r == 0, say)
+        stats.append({})
+        single, threads, outcomes = _systems_once(workload, plan, base, order, r == 0, say, stats[-1])
         singles.append(single)
         single_threads.append(threads)
         rounds.append(outcomes)
@@ -169,8 +193,19 @@ def run_workload(workload: Workload, plan: BenchPlan, progress: Progress) -> lis
         rows.append(row if plan.rounds < 2 else dataclasses.replace(row, extra={**row.extra, "threads_per_round": single_threads}))
     for key in keys:
         per_round = [next(o for o in outcomes if (o.system, o.concurrency) == key) for outcomes in rounds]
-        rows.append(_pooled_row(per_round, singles, single_all, workload, base.sizes, plan.rounds))
+        row = _pooled_row(per_round, singles, single_all, workload, base.sizes, plan.rounds)
+        batches = [round_stats[key] for round_stats in stats if key in round_stats]
+        rows.append(row if not batches else dataclasses.replace(row, extra={**row.extra, **_pooled_batches(batches)}))
     return rows
+
+
+def _pooled_batches(batches: list[dict[str, float]]) -> dict[str, float]:
+    """One batched row's hop batch sizes over its rounds: the mean of the rounds' means, the largest batch."""
+    return {
+        "max_batch_size": batches[0]["max_batch_size"],
+        "mean_hop_batch": round(sum(b["mean_hop_batch"] for b in batches) / len(batches), 2),
+        "max_hop_batch": max(b["max_hop_batch"] for b in batches),
+    }
 
 
 def _pooled_row(
@@ -182,6 +217,9 @@ def _pooled_row(
     if rounds < 2:
         return row
     return dataclasses.replace(row, extra={**row.extra, "rounds": rounds, **round_spread(per_round, singles)})
+
+
+BATCH_PREFIX = "batch:"  # a system name in a --batching round: mesh-direct at --max-batch-size N
 
 
 def batched_system(max_batch_size: int) -> str:
@@ -253,27 +291,6 @@ async def run_batched_mesh(
         codes = await mesh.stop()
         progress(f"{system}: stopped (exit codes {codes})")
     return outcomes, batch_stats
-
-
-def run_batching_workload(workload: Workload, plan: BenchPlan, progress: Progress) -> list[BenchRow]:
-    """``--batching``: the single process at batch 1, then mesh-direct once per --max-batch-size value."""
-    say = _progress_for(workload, progress)
-    base = _baseline(workload, plan, say)
-    outcomes = list(base.outcomes)
-    extras: dict[tuple[str, int], dict[str, float]] = {}
-    for size in plan.batch_sizes:
-        try:
-            found, stats = asyncio.run(
-                run_batched_mesh(workload, plan, size, base.ids, base.mask, base.reference, base.sizes, say)
-            )
-        except Exception as exc:  # noqa: BLE001 - one configuration failing must not lose the others' numbers
-            say(f"{batched_system(size)} failed: {exc}")
-            outcomes += _failed((batched_system(size),), plan, exc, plan.worker_threads)
-            continue
-        outcomes += found
-        extras.update({(batched_system(size), level): value for level, value in stats.items()})
-    rows = [summarise(outcome, base.single, workload, base.sizes) for outcome in outcomes]
-    return [dataclasses.replace(r, extra=extras.get((r.system, r.concurrency), {})) for r in rows]
 
 
 def batching_targets(rows: list[BenchRow], plan: BenchPlan) -> list[dict[str, object]]:
@@ -373,7 +390,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     rows: list[BenchRow] = []
     with child_environment(plan.child_env):
         for workload in plan.workloads:
-            rows += run_batching_workload(workload, plan, progress) if plan.batch_sizes else run_workload(workload, plan, progress)
+            rows += run_workload(workload, plan, progress)
     machine["load_average_at_end"] = load_average()
     print(markdown_table(rows), flush=True)
     targets = batching_targets(rows, plan) if plan.batch_sizes else []

@@ -161,8 +161,6 @@ def build_plan(
         raise ConfigError(f"--requests: expected an integer >= 0 (0 = suite default), got {requests}")
     if rounds < 0:
         raise ConfigError(f"--rounds: expected an integer >= 0 (0 = suite default), got {rounds}")
-    if rounds > 1 and batching:
-        raise ConfigError("--rounds: the --batching comparison runs one round; drop --rounds or --batching")
     if batching:
         workloads: tuple[Workload, ...] = (QUICK_BATCHING,) if quick else (MINILM_SHORT,)
     else:

@@ -54,17 +54,24 @@ def test_bench_quick_writes_json_and_plot(tmp_path: Path) -> None:
     assert sum("round 2 of 2" in line for line in proc.stderr + proc.stdout) >= 1
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_bench_batching_quick_runs_the_coalescing_router(tmp_path: Path) -> None:
     """``--batching``: the batched mesh's router coalesces (--coalesce) and its workers batch; every output
-    stays within the batching bound of the single process, and the suite records what it ran."""
+    stays within the batching bound of the single process, and the suite records what it ran. ``--rounds 2``:
+    the single process and each mesh run twice, interleaved, and every row pools both rounds."""
     out_json = tmp_path / "batching.json"
-    proc = Proc([*CLI, "bench", "infer", "--quick", "--batching", "1,4", "--json", str(out_json)])
-    code = proc.wait(280)
+    proc = Proc([*CLI, "bench", "infer", "--quick", "--batching", "1,4", "--rounds", "2", "--json", str(out_json)])
+    code = proc.wait(400)
     assert code == 0, "\n".join(proc.stderr[-40:])
     doc = json.loads(out_json.read_text())
     settings = doc["settings"]
     assert settings["batching_router_coalesce"] is True and settings["batching_max_batch_sizes"] == [1, 4]
     rows = [r for r in doc["results"] if r["system"] != "single"]
     assert len(rows) == 4 and all("error" not in r and r["matches_single"] is True for r in rows), rows
+    assert sum("round 2 of 2: batch:1, batch:4, single" in line for line in proc.stderr + proc.stdout) == 1
+    for row in rows:
+        extra = row["extra"]
+        assert extra["rounds"] == 2 and len(extra["p50_ms_per_round"]) == 2, extra
+        assert min(extra["p50_ms_per_round"]) <= row["p50_ms"] <= max(extra["p50_ms_per_round"]), row
+        assert extra["max_hop_batch"] >= 1 and extra["mean_hop_batch"] >= 1, extra
     assert {r["threads"] for r in rows} == {max(1, (os.cpu_count() or 1) // 3)}  # the cores shared by 3 stages
