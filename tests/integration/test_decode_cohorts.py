@@ -17,7 +17,7 @@ from tests.procs import Proc, start_router, start_worker, wait_serving
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 SESSIONS = 6
-NEW_TOKENS = 16
+NEW_TOKENS = 24
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -62,8 +62,10 @@ def test_concurrent_sessions_decode_in_batches_on_every_stage_and_generate_exact
             steps = delta(before[layers], after, "shardmesh_worker_batch_size_sum", kind="decode")
             passes = delta(before[layers], after, "shardmesh_worker_batch_size_count", kind="decode")
             assert steps == decode_steps, layers
-            # Measured: 1.5-1.9 steps per pass without cohorts (most steps alone), 4-6 with them.
-            assert steps / passes >= 3, (layers, steps, passes)
+            # Measured: 1.3-1.4 steps per pass without cohorts (most steps alone); with them 3.9-4.6 on an
+            # idle host and 2.65 (16 tokens) beside a full test suite. 2 separates the two on both sides.
+            print(f"decode steps per pass on {layers}: {steps / passes:.2f}")
+            assert steps / passes >= 2, (layers, steps, passes)
     finally:
         for proc in procs:
             proc.stop()
