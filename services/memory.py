@@ -15,7 +15,9 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 
     gRPC's threads each get an arena by default; message buffers freed in one arena are not reused by
     another, so bursts of large messages leave RSS far above what is in use. With two arenas, repeated
-    request floods plateau instead of stepping RSS up (measured in tests/integration/test_overload.py).
+    request floods plateaued instead of stepping RSS up when this was added; since workers run Python objects
+    on glibc malloc (``fast_exit_env``) floods plateau with or without the cap (tests/integration/test_overload.py
+    bounds the plateau either way).
     Returns whether the setting applied (glibc on Linux only).
     """
     if not sys.platform.startswith("linux"):

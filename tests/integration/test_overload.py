@@ -16,6 +16,7 @@ from tests.procs import start_worker, wait_serving
 pytestmark = [pytest.mark.integration]
 
 MIB = 1024 * 1024
+FLOODS = 8
 
 
 async def _sample_rss(pid: int, stop: asyncio.Event, peak: list[int]) -> None:
@@ -38,8 +39,8 @@ async def test_flood_is_shed_and_memory_bounded() -> None:
         settled: list[int] = []
         async with grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", 64 * MIB)]) as channel:
             stub = worker_pb2_grpc.ShardWorkerStub(channel)
-            # Four floods of 300 requests of 1 MiB at once: 1.2 GiB of requests in all.
-            for flood in range(4):
+            # Eight floods of 300 requests of 1 MiB at once: 2.4 GiB of requests in all.
+            for flood in range(FLOODS):
                 codes: dict[grpc.StatusCode, int] = {}
                 stop = asyncio.Event()
                 sampler = asyncio.create_task(_sample_rss(proc.pid, stop, peak))
@@ -64,10 +65,16 @@ async def test_flood_is_shed_and_memory_bounded() -> None:
                 assert set(codes) <= shed, codes
                 assert codes.get(grpc.StatusCode.RESOURCE_EXHAUSTED, 0) > 0 and codes.get(grpc.StatusCode.OK, 0) >= 4
             growth = (peak[0] - baseline) / MIB
-            creep = (max(settled[1:]) - settled[0]) / MIB
-            assert growth < 500, f"worker RSS grew by {growth:.0f} MiB under 1.2 GiB of flooding requests"
-            # Allocator noise is +-50 MiB a flood; a design that queued the flood would add ~300 MiB each time.
-            assert creep < 200, f"RSS kept growing flood after flood ({[round((r - baseline) / MIB) for r in settled]} MiB)"
+            steps = [round((r - baseline) / MIB) for r in settled]
+            print(f"RSS above baseline after each flood: {steps} MiB; peak {growth:.0f} MiB", flush=True)
+            # Shedding bounds the peak: measured 350-500 MiB over eight floods; the same worker admitting whole
+            # floods (--max-inflight 400) peaked at 1.2 GiB.
+            assert growth < 600, f"worker RSS grew by {growth:.0f} MiB under {FLOODS * 300} MiB of flooding requests"
+            # malloc keeps what a flood freed, so RSS climbs over the first floods to a plateau (measured: reached
+            # by the 3rd-5th flood, 250-480 MiB above baseline) and then stays: the last four floods add nothing
+            # over the first four (measured -29..+85 MiB). Keeping any part of each flood's 300 MiB shows here.
+            creep = max(steps[FLOODS // 2:]) - max(steps[:FLOODS // 2])
+            assert creep < 150, f"RSS kept growing flood after flood ({steps} MiB)"
             # Still serving afterwards.
             reply = await stub.Forward(worker_pb2.ForwardRequest(request_id="after", input=hidden), timeout=30)
             assert list(reply.output.shape) == [2, 340, 384]

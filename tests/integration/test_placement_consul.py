@@ -90,8 +90,7 @@ def test_auto_workers_cover_the_model_and_recover_after_a_departure(consul_addr:
                    f"consul://{consul_addr}?service={consul_service_name}", "--max-attempts", "3",
                    "--route-wait-s", "25"])  # the move takes ~8 s, longer on a loaded machine: room above the default 10
     address = fields(router.expect("shardmesh-listening"))["address"]
-    outcomes: list[tuple[float, str]] = []  # (time, "ok" | "wrong" | error code)
-    took: list[tuple[float, float]] = []  # (time sent, seconds to the answer)
+    outcomes: list[tuple[float, float, str]] = []  # (time sent, time answered, "ok" | "wrong" | error code)
     stop = threading.Event()
 
     def traffic() -> None:
@@ -100,10 +99,10 @@ def test_auto_workers_cover_the_model_and_recover_after_a_departure(consul_addr:
                 sent = time.monotonic()
                 try:
                     out = client.infer(text=TEXT, timeout_s=30).output
-                    outcomes.append((time.monotonic(), "ok" if torch.equal(out.reshape(expected.shape), expected) else "wrong"))
+                    outcome = "ok" if torch.equal(out.reshape(expected.shape), expected) else "wrong"
                 except ShardmeshError as exc:
-                    outcomes.append((time.monotonic(), type(exc).__name__))
-                took.append((sent, time.monotonic() - sent))
+                    outcome = type(exc).__name__
+                outcomes.append((sent, time.monotonic(), outcome))
                 time.sleep(0.05)
 
     try:
@@ -133,14 +132,18 @@ def test_auto_workers_cover_the_model_and_recover_after_a_departure(consul_addr:
     assert sum(moves.values()) >= 1 and max(moves.values()) == 1, moves  # recovered by moving, each at most once
     movers = [name for name, count in moves.items() if count]
     assert all(any("placement: released layers" in line for line in workers[m].stderr) for m in movers)
-    before = [o for t, o in outcomes if t < left_at]
-    gap = [o for t, o in outcomes if left_at <= t < settled_at]
-    later = [o for t, o in outcomes if t >= settled_at]
+    before = [o for _, done, o in outcomes if done < left_at]
+    # In flight at some point between the departure and the router seeing the new ranges. By answer time alone
+    # this can be empty: one request sent as the leaver went waits for coverage and is answered just after.
+    gap = [o for sent, done, o in outcomes if done >= left_at and sent < settled_at]
+    later = [o for sent, _, o in outcomes if sent >= settled_at]
     assert before and later and set(before) == {"ok"} and set(later) == {"ok"}, (before[-5:], later[-5:])
     # While some layers have no holder (the departure until the move is registered) requests wait for coverage
     # (--route-wait-s) and then finish on the new ranges: no request is lost, none is answered wrongly.
     assert gap and set(gap) == {"ok"}, sorted(set(gap))
-    held = max((s for t, s in took if left_at <= t < settled_at), default=0.0)  # the longest a request waited
+    waited = sum("waiting up to" in line for line in router.stderr)
+    assert waited >= 1, "no request found a layer without a holder: the departure hit no traffic"
+    held = max((done - sent for sent, done, _ in outcomes if done >= left_at and sent < settled_at), default=0.0)
     print(f"{leaver} left {spans}; covered again {covered_s:.1f}s later, now {final}; moves {moves}; requests before/gap/after: "
           f"{len(before)}/{len(gap)} (0 failed, longest {held:.1f}s, "
-          f"{sum('waiting up to' in line for line in router.stderr)} waited for coverage)/{len(later)}")
+          f"{waited} waited for coverage)/{len(later)}")
