@@ -182,5 +182,5 @@ def build_plan(
         batch_sizes=parse_batch_sizes(batching) if batching else (),
         max_queue_delay_us=_env_int(environ, QUEUE_DELAY_ENV, 0, 0),
         coalesce=bool(_env_int(environ, COALESCE_ENV, 1, 0)),
-        rounds=rounds or (1 if quick or batching else DEFAULT_ROUNDS),
+        rounds=rounds or (1 if quick else DEFAULT_ROUNDS),
     )

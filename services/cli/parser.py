@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--concurrency", default="1,8", help="comma-separated concurrency levels")
     b.add_argument("--rounds", type=int, default=0,
                    help="infer suite: run every system this many times, interleaved in a rotating order, and report "
-                        "each row's per-round spread (0 = suite default: 3; 1 with --quick or --batching)")
+                        "each row's per-round spread (0 = suite default: 3; 1 with --quick)")
     b.add_argument("--batching", metavar="SIZES",
                    help="infer suite: the dynamic-batching comparison instead of the usual workloads: minilm on "
                         "14-token texts through mesh-direct once per worker --max-batch-size in SIZES (e.g. 1,8; "

@@ -147,7 +147,7 @@ def test_plan_batched_mesh_threads_and_coalescing() -> None:
 
 def test_plan_rounds() -> None:
     plan = lambda **kw: build_plan(requests=0, concurrency="1", cpu_count=2, environ={}, **kw)  # noqa: E731
-    assert plan(quick=False).rounds == 3 and plan(quick=True).rounds == 1 and plan(quick=False, batching="8").rounds == 1
+    assert plan(quick=False).rounds == 3 and plan(quick=True).rounds == 1 and plan(quick=False, batching="8").rounds == 3
     assert plan(quick=True, rounds=2).rounds == 2
     with pytest.raises(ConfigError, match="--rounds"):
         plan(quick=False, rounds=-1)
