@@ -4,10 +4,11 @@ Each worker on the route keeps the session's KV cache for its layers, so after t
 sends one position's token (stage 0) or hidden state through the stages. The router keeps the
 session's step log (the prompt, then each generated token). If a stage fails mid-generation, the
 router picks a healthy route, opens a fresh session there (a new id, so no worker can mistake it for
-the old one) and replays the same steps from position 0, which rebuilds every cache exactly as it was
-(same steps, same positions, checked by the workers), then continues. A replay is one request per stage
-(``ForwardRequest.replay_step_lengths``): each worker runs the steps one after another itself, with the
-shapes they first had, so a failover costs one round trip per stage, not one per token so far. The
+the old one) and replays the same steps from position 0, which rebuilds every cache as it was (same
+steps, same positions, checked by the workers; bit for bit with ``--no-batching``, within float rounding
+with batching on, where a worker runs the steps as one chunk), then continues. A replay is one request per
+stage (``ForwardRequest.replay_step_lengths``), so a failover costs one round trip per stage, not one per
+token so far. The
 sampler's state is never replayed, so seeded sampling yields the same tokens as a run without the failure.
 
 In direct mode the router also logs what it sent each stage (the previous stage's outputs, within

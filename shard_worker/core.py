@@ -217,8 +217,8 @@ class WorkerCore:
     async def _session_steps(
         self, request: worker_pb2.ForwardRequest, x: torch.Tensor, replay: list[int], deadline: float | None
     ) -> torch.Tensor:
-        """One session step, or (``replay``) several run one after another as separate steps (same slices and
-        positions, so the cache ends bit-identical), outputs concatenated."""
+        """One session step, or (``replay``) several (:meth:`SessionService.replay`: step by step, bit-identical,
+        with ``--no-batching``; in chunks with batching on), outputs concatenated."""
         assert self.sessions is not None
         sessions, sid, ttl, key = self.sessions, request.session_id, request.session_ttl_s, request.session_key
         if not replay:

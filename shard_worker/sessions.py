@@ -16,8 +16,11 @@ and closes with another key are PERMISSION_DENIED. A draining worker opens no ne
 open ones finish (:meth:`SessionService.begin_drain`, :meth:`SessionService.wait_closed`).
 
 A router's replay after a failover sends a session's whole step log in one request
-(:meth:`SessionService.replay`): its steps run one by one, each on its own slice as a lone step runs, a few
-per compute job, so the replay waits for the compute thread a few times instead of once per step.
+(:meth:`SessionService.replay`). With ``batching=False`` its steps run one by one, each on its own slice as a
+lone step ran (the cache ends bit-identical), a few per compute job. With batching on, the steps already ran in
+batches, so their caches hold batch rounding anyway: consecutive steps run as one chunk (:func:`replay_chunks`),
+a prefill of their tokens at once, which gives the same cache within float rounding for the cost of about one
+step instead of one per step (a failover's replay is the part of its delay that grows with the session).
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ PREFILL_PAD_TOKENS = 32  # padding bound of a batched prefill row: max(this, a q
 # A replay (ForwardRequest.replay_step_lengths) runs its steps in compute jobs of about this long: one queue
 # wait per job instead of one per step, while other requests still get the compute thread between its jobs.
 REPLAY_JOB_S = 0.02
+# With batching on, consecutive replayed steps run as one forward of at most this many tokens (a step longer
+# than that, e.g. a long prompt, runs alone as it first did): a prefill-sized chunk, so one chunk's compute stays
+# about one prompt's while a long session's replay is a few forwards instead of one per token.
+REPLAY_CHUNK_TOKENS = 512
 # Before a decode batch starts, it waits for the sessions :mod:`shard_worker.cohorts` expects, at most this
 # share of the last decode batch's compute time and never more than DECODE_GATHER_MAX_S: a wait no longer
 # than the batch it saves (a step of a few rows costs about what a one-row step does). A cohort's steps come
@@ -103,6 +110,21 @@ def prefill_groups(lengths: list[int], max_rows: int, max_tokens: int) -> list[l
                 continue
         groups.append([i])
     return groups
+
+
+def replay_chunks(lengths: list[int], max_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive steps (``lengths`` tokens each) grouped into ``[first, end)`` ranges of at most ``max_tokens``
+    tokens; a step longer than that is a range of its own. ``max_tokens`` <= 1: every step alone."""
+    chunks: list[tuple[int, int]] = []
+    first, tokens = 0, 0
+    for i, n in enumerate(lengths):
+        if i > first and tokens + n > max_tokens:
+            chunks.append((first, i))
+            first, tokens = i, 0
+        tokens += n
+    if lengths:
+        chunks.append((first, len(lengths)))
+    return chunks
 
 
 class SessionService:
@@ -193,11 +215,14 @@ class SessionService:
         deadline: float | None,
         key: bytes = b"",
     ) -> list[torch.Tensor]:
-        """Runs a replay's steps (``lengths`` tokens each, the first at ``position``) in order; their outputs.
+        """Runs a replay's steps (``lengths`` tokens each, the first at ``position``) in order; their outputs
+        (one per step, each as that step alone returns it).
 
-        Each step runs as a step alone does (``stage.step`` on its own slice and position: the shapes it first
-        ran with, so the cache ends as it was), several per compute job: a replay waits for the compute thread
-        once per ``REPLAY_JOB_S`` of work, not once per step, and queued work still runs between its jobs.
+        ``batching=False``: each step runs as a step alone does (``stage.step`` on its own slice and position: the
+        shapes it first ran with, so the cache ends as it was). Batching on: consecutive steps run as one chunk
+        (:func:`replay_chunks`; the last stage returns each step's last-position logits). Either way several
+        units per compute job: a replay waits for the compute thread once per ``REPLAY_JOB_S`` of work, not once
+        per unit, and queued work still runs between its jobs.
         """
         if position == 0:
             self._open(session_id, ttl_s, time.monotonic(), lengths[0], key)
@@ -205,30 +230,45 @@ class SessionService:
         for n in lengths[:-1]:
             starts.append(starts[-1] + n)
         stage, batching = self._stage, self._batching
+        units = replay_chunks(lengths, min(REPLAY_CHUNK_TOKENS, self._engine.max_batch_tokens) if batching else 0)
         outputs: list[torch.Tensor] = []
         order = self._order.setdefault(session_id, asyncio.Lock())
+
+        def run_unit(first: int, end: int, cache: SessionCache) -> list[torch.Tensor]:
+            offset, tokens = starts[first] - position, sum(lengths[first:end])
+            chunk = x[:, offset : offset + tokens]
+            if end - first == 1:
+                decode = lengths[first] == 1 and batching  # as _decode_batched runs it (its thread count)
+                observe_batch(step_kind(tokens), 1)  # the replayed step runs alone
+                with intra_op_threads(DECODE_THREADS) if decode else contextlib.nullcontext():
+                    return [stage.step(chunk, session_cache=cache, position=starts[first])]
+            observe_batch(step_kind(tokens), 1)  # the steps' tokens in one forward, as a prefill
+            ends = [starts[i] + lengths[i] - 1 - starts[first] for i in range(first, end)]
+            out = stage.step(chunk, session_cache=cache, position=starts[first], logit_rows=ends)
+            if out.shape[1] == tokens:  # a row per token (hidden states)
+                return list(out.split(lengths[first:end], dim=1))
+            return list(out.split(1, dim=1))  # the last stage: a row of logits per step
+
         async with order:
-            while len(outputs) < len(lengths):
-                first = len(outputs)
+            done_units = 0
+            while done_units < len(units):
+                first = units[done_units][0]
                 cache = self.store.prepare_step(session_id, starts[first], sum(lengths[first:]), time.monotonic(), key=key)
 
-                def job(first: int = first, cache: SessionCache = cache) -> list[torch.Tensor]:
+                def job(next_unit: int = done_units, cache: SessionCache = cache) -> list[list[torch.Tensor]]:
                     began, done = time.monotonic(), []
-                    for i in range(first, len(lengths)):
-                        offset = starts[i] - position
-                        decode = lengths[i] == 1 and batching  # as _decode_batched runs it (its thread count)
-                        observe_batch(step_kind(lengths[i]), 1)  # each replayed step runs alone
-                        with intra_op_threads(DECODE_THREADS) if decode else contextlib.nullcontext():
-                            out = stage.step(x[:, offset : offset + lengths[i]], session_cache=cache, position=starts[i])
-                        done.append(out)
+                    for unit_first, unit_end in units[next_unit:]:
+                        done.append(run_unit(unit_first, unit_end, cache))
                         if time.monotonic() - began >= REPLAY_JOB_S:
                             break
                     return done
 
                 result = await self._engine.run(
-                    job, deadline, decode=starts[first] > 0, work=(1, max(lengths[first:]))
+                    job, deadline, decode=starts[first] > 0, work=(1, max(sum(lengths[a:b]) for a, b in units[done_units:]))
                 )
-                outputs.extend(result.value)  # type: ignore[arg-type]
+                for unit_outputs in result.value:  # type: ignore[union-attr]
+                    outputs.extend(unit_outputs)
+                done_units += len(result.value)  # type: ignore[arg-type]
         return outputs
 
     async def _decode_batched(self, x: torch.Tensor, cache: SessionCache, position: int) -> torch.Tensor:

@@ -125,7 +125,9 @@ class StopRule:
 class SessionStage(Protocol):
     """What generation needs of a stage (``LlamaStage``)."""
 
-    def step(self, x: torch.Tensor, *, session_cache: SessionCache, position: int) -> torch.Tensor: ...
+    def step(
+        self, x: torch.Tensor, *, session_cache: SessionCache, position: int, logit_rows: Sequence[int] | None = None
+    ) -> torch.Tensor: ...
 
     def step_batch(self, inputs: Sequence[tuple[torch.Tensor, SessionCache, int]]) -> list[torch.Tensor]: ...
 

@@ -95,12 +95,14 @@ class LlamaStage(SpanStage):
         position_ids: torch.Tensor,
         cache: Cache | None = None,
         last_logits_only: bool = False,
+        logit_rows: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Runs the stage at explicit positions, optionally appending to ``cache``.
 
         ``position_ids``: ``[1 or batch, seq]`` absolute positions of ``x``'s tokens (``offset + arange``).
         ``cache``: this stage's KV cache (local layer indices); ``attention_mask`` then covers past + new tokens.
-        ``last_logits_only``: the last stage applies the head to the last position only (as ``generate`` does).
+        ``last_logits_only``: the last stage applies the head to the last position only (as ``generate`` does);
+        ``logit_rows``: to these positions of ``x`` only (a chunked replay: each replayed step's last position).
         """
         with torch.inference_mode():
             hidden = self.embed_tokens(x) if self.embed_tokens is not None else x
@@ -115,6 +117,8 @@ class LlamaStage(SpanStage):
             if self.norm is None or self.lm_head is None:
                 return hidden
             normed = self.norm(hidden)
+            if logit_rows is not None:
+                return self.lm_head(normed[:, list(logit_rows), :])
             return self.lm_head(normed[:, -1:, :] if last_logits_only else normed)
 
     def _layers(self, hidden: torch.Tensor, mask: Any, position_ids: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -142,14 +146,21 @@ class LlamaStage(SpanStage):
         return kv_bytes_per_token(len(self.layers), kv_heads, head_dim, self.dtype)
 
     def step(
-        self, x: torch.Tensor, *, session_cache: SessionCache, position: int, all_logits: bool = False
+        self,
+        x: torch.Tensor,
+        *,
+        session_cache: SessionCache,
+        position: int,
+        all_logits: bool = False,
+        logit_rows: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Prefill (``T > 1``) or decode (``T == 1``) of one session at positions ``position..position+T-1``.
 
         ``x``: token ids ``[1, T]`` on the first stage, else hidden ``[1, T, hidden]``. Refuses a ``position``
         that is not the cache's length (FailedPrecondition). Returns hidden ``[1, T, hidden]``; the last stage
         returns logits of the last position only, ``[1, 1, vocab]`` (what sampling needs, and what
-        ``generate`` computes: bit-identical to it), or of every position with ``all_logits``.
+        ``generate`` computes: bit-identical to it), of every position with ``all_logits``, or of the positions
+        ``logit_rows`` (indices into ``x``) in that order.
         On any failure the cache is rolled back, so the step can be retried at the same position.
         """
         self._check_step_input(x, session_cache, position)
@@ -157,7 +168,8 @@ class LlamaStage(SpanStage):
         position_ids = torch.arange(position, position + tokens).unsqueeze(0)
         try:
             output = self.run(
-                x, None, position_ids=position_ids, cache=session_cache.cache, last_logits_only=not all_logits
+                x, None, position_ids=position_ids, cache=session_cache.cache, last_logits_only=not all_logits,
+                logit_rows=logit_rows,
             )
         except BaseException:
             session_cache.rollback(position)

@@ -130,8 +130,9 @@ def test_concurrent_sessions_decode_in_shared_passes(mesh: Mesh) -> None:
 
 
 def test_unary_replay_is_counted_per_step_and_its_log_lines_carry_the_request_id(mesh: Mesh) -> None:
-    """A replay sent to w0 as one unary Forward runs its 3 steps alone (prefill + 2 decode passes of 1), and
-    its log line ("replayed 3 steps") carries the request's id and the trace id of its traceparent."""
+    """A replay sent to w0 as one unary Forward (batching on) runs its 3 steps as one chunk: one forward of
+    the 6 tokens, counted as one prefill pass and no decode pass; its log line ("replayed 3 steps") carries the
+    request's id and the trace id of its traceparent."""
     address, metrics = mesh.workers["w0"]
     request_id = "obs-replay@0"
     steps = [[1, 5, 77, 300], [12], [9]]
@@ -149,8 +150,8 @@ def test_unary_replay_is_counted_per_step_and_its_log_lines_carry_the_request_id
         assert stub.CloseSession(worker_pb2.CloseSessionRequest(session_id="obs-replay"), timeout=10).existed
     after = scrape(metrics)
     assert delta(before, after, "shardmesh_worker_batch_size_count", kind="prefill") == 1
-    assert delta(before, after, "shardmesh_worker_batch_size_count", kind="decode") == 2
-    assert delta(before, after, "shardmesh_worker_batch_size_sum", kind="decode") == 2
+    assert delta(before, after, "shardmesh_worker_batch_size_sum", kind="prefill") == 1
+    assert delta(before, after, "shardmesh_worker_batch_size_count", kind="decode") == 0
 
     def replay_lines() -> list[dict[str, object]]:
         lines = [json.loads(line) for line in list(mesh.procs["w0"].stderr) if line.strip()]
