@@ -17,7 +17,7 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     another, so bursts of large messages leave RSS far above what is in use. With two arenas, repeated
     request floods plateaued instead of stepping RSS up when this was added; since workers run Python objects
     on glibc malloc (``fast_exit_env``) floods plateau with or without the cap (tests/integration/test_overload.py
-    bounds the plateau either way).
+    bounds RSS either way).
     Returns whether the setting applied (glibc on Linux only).
     """
     if not sys.platform.startswith("linux"):
