@@ -237,12 +237,11 @@ class SessionService:
         def run_unit(first: int, end: int, cache: SessionCache) -> list[torch.Tensor]:
             offset, tokens = starts[first] - position, sum(lengths[first:end])
             chunk = x[:, offset : offset + tokens]
+            observe_batch(step_kind(tokens), 1)  # one forward: a replayed step alone, or a chunk as a prefill
             if end - first == 1:
                 decode = lengths[first] == 1 and batching  # as _decode_batched runs it (its thread count)
-                observe_batch(step_kind(tokens), 1)  # the replayed step runs alone
                 with intra_op_threads(DECODE_THREADS) if decode else contextlib.nullcontext():
                     return [stage.step(chunk, session_cache=cache, position=starts[first])]
-            observe_batch(step_kind(tokens), 1)  # the steps' tokens in one forward, as a prefill
             ends = [starts[i] + lengths[i] - 1 - starts[first] for i in range(first, end)]
             out = stage.step(chunk, session_cache=cache, position=starts[first], logit_rows=ends)
             if out.shape[1] == tokens:  # a row per token (hidden states)

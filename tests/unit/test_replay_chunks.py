@@ -33,6 +33,15 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> list[LlamaStage]:
     return loaded  # type: ignore[return-value]
 
 
+def _stepwise(stage: LlamaStage, ids: list[int], lengths: list[int], cache: SessionCache) -> list[torch.Tensor]:
+    """Stage 0's output of every step, stepped one by one into ``cache`` (what the router logs for stage 1)."""
+    pieces, position = [], 0
+    for n in lengths:
+        pieces.append(stage.step(torch.tensor([ids[position : position + n]]), session_cache=cache, position=position))
+        position += n
+    return pieces
+
+
 def _steps_alone(stages: list[LlamaStage], ids: list[int], lengths: list[int]) -> tuple[list[torch.Tensor], list[SessionCache]]:
     """Stage 1's output of every step, each step run alone on both stages (the replay's reference)."""
     caches = [SessionCache(f"alone-{i}") for i in range(len(stages))]
@@ -54,11 +63,7 @@ async def test_a_replay_is_one_forward_with_batching_and_step_by_step_without(
     reference, ref_caches = _steps_alone(stages, ids, lengths)
     # Stage 0's outputs as the router logged them: what the last stage's replay gets as input.
     cache0 = SessionCache("h0")
-    pieces, position = [], 0
-    for n in lengths:
-        pieces.append(stages[0].step(torch.tensor([ids[position : position + n]]), session_cache=cache0, position=position))
-        position += n
-    hidden = torch.cat(pieces, dim=1)
+    hidden = torch.cat(_stepwise(stages[0], ids, lengths, cache0), dim=1)
     engine = StageEngine(stages[1], "w1", 8)
     service = SessionService(stages[1], engine, budget_bytes=64 << 20, default_ttl_s=60, batching=batching)
     forwards: list[int] = []
@@ -92,13 +97,9 @@ async def test_a_replay_is_one_forward_with_batching_and_step_by_step_without(
         engine.close()
 
 
-
 async def test_a_chunked_replay_on_an_earlier_stage_returns_every_steps_hidden_rows(stages: list[LlamaStage]) -> None:
     ids, lengths = [3, 17, 40, 5, 9, 101, 7, 12, 60], [6, 1, 1, 1]
-    cache, pieces, position = SessionCache("alone"), [], 0
-    for n in lengths:  # stage 0 stepped alone, step by step
-        pieces.append(stages[0].step(torch.tensor([ids[position : position + n]]), session_cache=cache, position=position))
-        position += n
+    pieces = _stepwise(stages[0], ids, lengths, SessionCache("alone"))
     engine = StageEngine(stages[0], "w0", 8)
     service = SessionService(stages[0], engine, budget_bytes=64 << 20, default_ttl_s=60, batching=True)
     try:
